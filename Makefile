@@ -1,0 +1,37 @@
+# Set-up and everyday commands. Everything runs inside .venv in the repository root.
+PYTHON      ?= python3
+VENV        ?= .venv
+TORCH_SPEC  ?= torch==2.13.0
+PY          := $(VENV)/bin/python
+STAMP       := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: install test test-fast demo lint bench clean ui
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+test: install
+	$(PY) -m pytest -m "not gpu" $(PYTEST_ARGS)
+
+test-fast: install
+	$(PY) -m pytest -m "not gpu and not slow" $(PYTEST_ARGS)
+
+demo: install
+	$(PY) examples/quickstart.py
+
+lint: install
+	$(PY) -m ruff check landscapes pipelines tests benchmarks examples
+
+bench: install
+	$(PY) -m pip install --quiet -e ".[bench]"
+	$(PY) -m benchmarks
+
+clean:
+	rm -rf $(VENV) outputs multirun mlruns mlflow.db .pytest_cache examples/out

@@ -1,0 +1,36 @@
+"""Loss landscapes of PyTorch models: correct directions, a batched engine, labelled results.
+
+The library is pure torch/numpy; the Hydra + MLflow pipeline lives in ``pipelines/``.
+"""
+
+from landscapes.compat import linear_interpolation, planar_interpolation, point, random_line, random_plane
+from landscapes.directions import cosine, direction_between, normalize_direction, orthogonalize, random_direction
+from landscapes.errors import (
+    CheckpointError,
+    CheckpointNotFoundError,
+    ConfigurationError,
+    EvaluationError,
+    FallbackWarning,
+    LandscapesError,
+    LandscapesWarning,
+    ShapeMismatchError,
+    StoreError,
+)
+from landscapes.evaluate import Evaluator, evaluate, evaluate_tile
+from landscapes.grid import Grid, Tile, axis
+from landscapes.landscape import Landscape
+from landscapes.metrics import Accuracy, DatasetMetric, Loss, Metric, MetricPipeline
+from landscapes.params import ParameterSpace, TensorSpec
+from landscapes.wrappers import GeneralModelWrapper, ModelWrapper, SimpleModelWrapper, wrap_model
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Accuracy", "CheckpointError", "CheckpointNotFoundError", "ConfigurationError", "DatasetMetric",
+    "EvaluationError", "Evaluator", "FallbackWarning", "GeneralModelWrapper", "Grid", "Landscape",
+    "LandscapesError", "LandscapesWarning", "Loss", "Metric", "MetricPipeline", "ModelWrapper",
+    "ParameterSpace", "ShapeMismatchError", "SimpleModelWrapper", "StoreError", "TensorSpec", "Tile",
+    "axis", "cosine", "direction_between", "evaluate", "evaluate_tile", "linear_interpolation",
+    "normalize_direction", "orthogonalize", "planar_interpolation", "point", "random_direction",
+    "random_line", "random_plane", "wrap_model",
+]

@@ -1,0 +1,39 @@
+"""Exception and warning classes. Each error also subclasses the matching builtin."""
+
+from __future__ import annotations
+
+
+class LandscapesError(Exception):
+    """Base class of every error raised by `landscapes`."""
+
+
+class ConfigurationError(LandscapesError, ValueError):
+    """An argument or option has a value the library cannot use."""
+
+
+class ShapeMismatchError(LandscapesError, ValueError):
+    """Tensors (directions, checkpoints, coordinates) do not match the model's shapes."""
+
+
+class CheckpointError(LandscapesError, ValueError):
+    """A checkpoint cannot be read or does not fit the model."""
+
+
+class CheckpointNotFoundError(LandscapesError, FileNotFoundError):
+    """A checkpoint path or URI does not exist."""
+
+
+class StoreError(LandscapesError, ValueError):
+    """A landscape store is missing, incomplete or belongs to another configuration."""
+
+
+class EvaluationError(LandscapesError, RuntimeError):
+    """A grid tile failed to evaluate."""
+
+
+class LandscapesWarning(UserWarning):
+    """Base class of every warning issued by `landscapes`."""
+
+
+class FallbackWarning(LandscapesWarning):
+    """The engine fell back to a slower strategy; the message says why."""

@@ -1,0 +1,564 @@
+"""The evaluation engine: a tile of grid points at a time, with one of three strategies.
+
+- ``"batched"``: hand-batched ``nn.Sequential`` MLPs (one ``baddbmm`` per layer for the whole
+  tile, the first layer by linearity); see :mod:`landscapes.batched`.
+- ``"vmap"``: ``torch.func.functional_call`` under ``torch.func.vmap`` over the tile.
+- ``"loop"``: one point after another, each point's parameters written into the model
+  (computed from θ0 directly, never by stepping) and restored afterwards.
+
+Every strategy shares each data batch across the tile's points, and computes every point as
+``origin + Σ cᵢ·basisᵢ`` in one matrix product per tile.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+from landscapes import batched
+from landscapes._checks import check_choice, check_positive_int
+from landscapes.errors import ConfigurationError, EvaluationError, FallbackWarning, ShapeMismatchError
+from landscapes.grid import Grid, Tile, tile_shape_for
+from landscapes.landscape import Landscape
+from landscapes.metrics import DatasetMetric, Metric, _to, flatten_metrics, metric_names
+from landscapes.params import NORM_LAYERS, ParameterSpace
+from landscapes.wrappers import ModelWrapper, SimpleModelWrapper, wrap_model
+
+__all__ = ["Evaluator", "evaluate", "evaluate_tile", "Strategy", "ModelMode"]
+
+Strategy = Literal["auto", "loop", "vmap", "batched"]
+ModelMode = Literal["eval", "train", "as_is"]
+STRATEGIES = ("auto", "loop", "vmap", "batched")
+MODEL_MODES = ("eval", "train", "as_is")
+
+#: Default memory budget (bytes) for a tile on a CPU; on CUDA half the free memory is used.
+CPU_MEMORY_BUDGET = 1 << 30
+#: Upper bound on points per tile; keeps tiles a useful unit of progress and of work.
+MAX_TILE_POINTS = {"loop": 4096, "vmap": 1024, "batched": 256}
+_TRAIN_ONLY = (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd)
+
+DirectionLike = Mapping[str, torch.Tensor] | torch.Tensor | np.ndarray
+
+
+class Evaluator:
+    """A prepared evaluation of one subspace ``θ(c) = origin + Σ cᵢ·basisᵢ``.
+
+    It holds everything a tile needs (model, metrics, data, basis), so tiles can be evaluated
+    in any order, on any process that has a copy of it. The model is left as it was after
+    each call.
+
+    Args:
+        model: the model at θ0, or a :class:`ModelWrapper`.
+        metric: a metric, a :class:`MetricPipeline`, or a list of metrics.
+        directions: k directions, each keyed like ``model.named_parameters()`` (or a flat
+            tensor of length n, or a ``(k, n)`` array for all of them).
+        origin: the point at coordinate 0; default the model's own parameters. Pass a mapping
+            of zeros with directions that are models' parameters for interpolations whose
+            end points must be exact.
+        device: where to evaluate; default the model's device. Another device works on a copy.
+        strategy: ``"auto"`` chooses per model (see :meth:`_choose`).
+        model_mode: ``"eval"`` (default: BatchNorm uses its running statistics, dropout off),
+            ``"train"`` (batch statistics; forces the loop) or ``"as_is"``.
+        memory_budget: bytes a tile may use; sets the tile size.
+        max_batch_points: an upper bound on points per tile.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module | ModelWrapper,
+        metric: Metric | Sequence[Metric],
+        directions: Sequence[DirectionLike] | torch.Tensor | np.ndarray,
+        *,
+        origin: Mapping[str, torch.Tensor] | None = None,
+        device: str | torch.device | None = None,
+        strategy: Strategy = "auto",
+        model_mode: ModelMode = "eval",
+        memory_budget: int | None = None,
+        max_batch_points: int | None = None,
+    ):
+        strategy = check_choice("strategy", strategy, STRATEGIES, where="evaluate")
+        self.model_mode = check_choice("model_mode", model_mode, MODEL_MODES, where="evaluate")
+        check_positive_int("max_batch_points", max_batch_points, where="evaluate", allow_none=True)
+        check_positive_int("memory_budget", memory_budget, where="evaluate", allow_none=True)
+        self.wrapper = wrap_model(model)
+        self.root = self.wrapper.root
+        self.device = _resolve_device(device, self.root)
+        if _device_of(self.root) != self.device:  # never move the caller's model
+            import copy
+
+            self.wrapper = _copy_wrapper(self.wrapper, copy.deepcopy)
+            self.root = self.wrapper.root
+            self.root.to(self.device)
+        self.functional = type(self.wrapper) is SimpleModelWrapper
+        self.space = ParameterSpace.from_module(self.root)
+        if self.space.numel == 0:
+            raise ConfigurationError("evaluate: the model has no parameters to move.")
+        self.dtype = next(self.root.parameters()).dtype
+
+        self.metrics = flatten_metrics(metric)
+        self.metric_names = tuple(metric_names(self.metrics))
+        self.dataset_metrics = [m for m in self.metrics if isinstance(m, DatasetMetric)]
+        self.custom_metrics = [m for m in self.metrics if not isinstance(m, DatasetMetric)]
+        self._groups = _group_by_data(self.dataset_metrics)
+        self._cached_batches: dict[tuple[int, int], tuple[Any, Any]] = {}
+
+        self.basis = self._stack(directions)  # (k, n)
+        self.k = self.basis.shape[0]
+        if origin is None:
+            self.origin = torch.cat([p.detach().reshape(-1) for p in self.root.parameters()]).clone()
+        else:
+            self.origin = self.space.flatten(origin, what="origin").to(self.device, self.dtype)
+
+        self.plan: batched.SequentialPlan | None = None
+        self._first: dict[str, torch.Tensor] | None = None
+        self.strategy, self.reason = self._choose(strategy)
+        self.tile_points = self._tile_points(memory_budget, max_batch_points)
+
+    # -- preparation -----------------------------------------------------------------------
+    def _stack(self, directions: Any) -> torch.Tensor:
+        if isinstance(directions, (torch.Tensor, np.ndarray)) and np.ndim(directions) == 2:
+            rows = list(torch.as_tensor(directions))
+        elif isinstance(directions, (Mapping, torch.Tensor, np.ndarray)):
+            raise ConfigurationError(
+                "evaluate: directions must be a sequence of k directions (a list of dicts), "
+                "not a single direction; wrap it in a list: directions=[d]."
+            )
+        else:
+            rows = list(directions)
+        if not rows:
+            raise ConfigurationError("evaluate: directions is empty; give at least one direction.")
+        flat = []
+        for n, d in enumerate(rows):
+            if isinstance(d, Mapping):
+                flat.append(self.space.flatten(d, what=f"directions[{n}]"))
+            else:
+                t = torch.as_tensor(d)
+                if t.dim() != 1 or t.numel() != self.space.numel:
+                    raise ShapeMismatchError(
+                        f"directions[{n}] has shape {tuple(t.shape)}, the model has "
+                        f"{self.space.numel} parameters; give a flat vector of that length or a "
+                        "dict keyed like model.named_parameters()."
+                    )
+                flat.append(t)
+        basis = torch.stack([f.to(self.device, self.dtype) for f in flat])
+        if not torch.isfinite(basis).all():
+            raise ConfigurationError("evaluate: directions contain NaN or inf values.")
+        return basis
+
+    def _choose(self, requested: str) -> tuple[str, str]:
+        train_only = [
+            type(m).__name__ for m in self.root.modules()
+            if isinstance(m, _TRAIN_ONLY) and (self.model_mode == "train" or (self.model_mode == "as_is" and m.training))
+        ]
+        cannot = None
+        if self.custom_metrics:
+            cannot = f"custom metrics {[type(m).__name__ for m in self.custom_metrics]} follow the model-wrapper protocol"
+        elif not self.functional:
+            cannot = f"{type(self.wrapper).__name__} runs its own forward_fn"
+        elif train_only:
+            cannot = f"{sorted(set(train_only))} in train mode cannot be batched"
+        if cannot:
+            if requested in ("vmap", "batched") or (requested == "auto" and train_only):
+                warnings.warn(
+                    f"evaluate: using the per-point loop because {cannot}.", FallbackWarning, stacklevel=3
+                )
+            return "loop", cannot
+        if requested == "loop":
+            return "loop", "requested"
+        if requested in ("auto", "batched"):
+            plan = batched.sequential_plan(self.root)
+            if plan is not None and self._verify(plan):
+                return "batched", "plain Sequential MLP: hand-batched tiles"
+            if requested == "batched":
+                warnings.warn(
+                    "evaluate: strategy='batched' needs a plain nn.Sequential of Linear, "
+                    "BatchNorm1d, Flatten, Dropout and elementwise activations; using 'vmap'.",
+                    FallbackWarning, stacklevel=3,
+                )
+                return "vmap", "requested batched, model not a plain Sequential"
+        if requested == "vmap":
+            return "vmap", "requested"
+        if self.device.type == "cuda":
+            return "vmap", "CUDA: batched tiles with vmap"
+        return "loop", "CPU: a per-point loop beats vmap here (see docs/benchmarks.md)"
+
+    def _verify(self, plan: batched.SequentialPlan) -> bool:
+        """Check the batched plan against the model's own forward at θ0 on a little data."""
+        batch = self._probe_batch()
+        if batch is None or not isinstance(batch[0], torch.Tensor):
+            return False
+        x = batch[0][:8]
+        self.plan = plan
+        self._prepare_first()
+        with self._model_state(), torch.no_grad():
+            try:
+                zero = torch.zeros(1, self.k, device=self.device, dtype=self.dtype)
+                got = self._batched_forward(x, zero, self._points(zero))[0]
+                want = self.root(x)
+            except Exception:  # noqa: BLE001 - any failure means: not this path
+                self.plan, self._first = None, None
+                return False
+        if got.shape != want.shape or not torch.allclose(got, want, rtol=1e-4, atol=1e-5):
+            self.plan, self._first = None, None
+            return False
+        return True
+
+    def _prepare_first(self) -> None:
+        first = next((layer for layer in self.plan.layers if isinstance(layer.module, nn.Linear)), None)
+        self._first = None
+        if first is None or first.module.bias is None:
+            return
+        w_name, b_name = first.prefix + "weight", first.prefix + "bias"
+        spec = {s.name: s for s in self.space.specs}
+        ws, bs = spec[w_name], spec[b_name]
+        rows = torch.cat([self.origin.unsqueeze(0), self.basis])  # (k+1, n)
+        self._first = {
+            "weight": rows[:, ws.offset : ws.stop].reshape(-1, ws.shape[1]).contiguous(),
+            "bias": rows[:, bs.offset : bs.stop].contiguous(),
+        }
+
+    def _probe_batch(self) -> tuple[Any, Any] | None:
+        for group in self._groups:
+            for x, y in self._batches(group):
+                return x, y
+        return None
+
+    def _tile_points(self, memory_budget: int | None, max_batch_points: int | None) -> int:
+        if memory_budget is None:
+            if self.device.type == "cuda":
+                free, _ = torch.cuda.mem_get_info(self.device)
+                memory_budget = free // 2
+            else:
+                memory_budget = CPU_MEMORY_BUDGET
+        item = self.basis.element_size()
+        per_point = self.space.numel * item * 2  # the point's parameters (+ a temporary)
+        if self.strategy != "loop":
+            per_point += 3 * self._activation_bytes()
+        points = max(1, int(memory_budget // max(per_point, 1)))
+        points = min(points, MAX_TILE_POINTS[self.strategy])
+        if max_batch_points is not None:
+            points = min(points, max_batch_points)
+        self.memory_budget = int(memory_budget)
+        return points
+
+    def _activation_bytes(self) -> int:
+        """Bytes of every leaf module's output for one point on the largest batch seen first."""
+        batch = self._probe_batch()
+        if batch is None:
+            return 0
+        total = [0]
+
+        def hook(_mod: nn.Module, _inp: Any, out: Any) -> None:
+            if isinstance(out, torch.Tensor):
+                total[0] += out.numel() * out.element_size()
+
+        leaves = [m for m in self.root.modules() if not any(True for _ in m.children())]
+        handles = [m.register_forward_hook(hook) for m in leaves]
+        try:
+            with self._model_state(), torch.no_grad():
+                self.root(batch[0])
+        finally:
+            for h in handles:
+                h.remove()
+        return total[0]
+
+    # -- evaluation ------------------------------------------------------------------------
+    def evaluate_points(self, coords: np.ndarray | torch.Tensor) -> dict[str, np.ndarray]:
+        """Metric values at the points ``coords`` ``(m, k)``: name → array ``(m,)`` (float64)."""
+        c = torch.as_tensor(np.asarray(coords, dtype=np.float64)).to(self.device, self.dtype)
+        if c.dim() != 2 or c.shape[1] != self.k:
+            raise ShapeMismatchError(
+                f"evaluate_points: coords have shape {tuple(c.shape)}, expected (m, {self.k})."
+            )
+        if self.strategy == "vmap":
+            try:
+                return self._run(c)
+            except Exception as err:  # noqa: BLE001 - fall back, then re-raise if the loop fails too
+                warnings.warn(
+                    f"evaluate: vmap failed ({type(err).__name__}: {str(err).splitlines()[0][:200]}); "
+                    "using the per-point loop.", FallbackWarning, stacklevel=2,
+                )
+                self.strategy, self.reason = "loop", f"vmap failed: {type(err).__name__}"
+        return self._run(c)
+
+    def evaluate_tile(self, grid: Grid, tile: Tile) -> dict[str, np.ndarray]:
+        """Metric values on one block of ``grid``: name → array shaped like ``tile``."""
+        values = self.evaluate_points(grid.coordinates(tile.slices))
+        return {n: v.reshape(tile.shape) for n, v in values.items()}
+
+    def _run(self, c: torch.Tensor) -> dict[str, np.ndarray]:
+        m = c.shape[0]
+        results: dict[str, np.ndarray] = {}
+        with self._model_state(), torch.no_grad():
+            thetas = self._points(c)
+            for group in self._groups:
+                totals = torch.zeros(len(group), m, dtype=torch.float64)
+                weights = [0.0] * len(group)
+                for x, y in self._batches(group):
+                    for start, out in self._forward(x, c, thetas):
+                        for i, metric in enumerate(group):
+                            totals[i, start : start + out.shape[0]] += metric._update(out, y).cpu()
+                    for i, metric in enumerate(group):
+                        weights[i] += metric._weight(y)
+                for i, metric in enumerate(group):
+                    if weights[i] == 0:
+                        raise ConfigurationError(
+                            f"evaluate: the data of metric {metric.name!r} yielded no batches; "
+                            "give a non-empty dataset."
+                        )
+                    results[id(metric)] = metric._compute(totals[i], weights[i]).numpy()
+            if self.custom_metrics:
+                values = {id(metric): np.empty(m, dtype=np.float64) for metric in self.custom_metrics}
+                for p in range(m):
+                    self._set_parameters(thetas[p])
+                    for metric in self.custom_metrics:
+                        values[id(metric)][p] = _scalar(metric(self.wrapper), metric)
+                results.update(values)
+        return {name: results[id(metric)] for name, metric in zip(self.metric_names, self.metrics, strict=True)}
+
+    def _forward(self, x: Any, c: torch.Tensor, thetas: torch.Tensor) -> Iterable[tuple[int, torch.Tensor]]:
+        """Model outputs for every point of the tile on batch ``x``, as (first index, (m', N, ...))."""
+        if self.strategy == "batched":
+            return [(0, self._batched_forward(x, c, thetas))]
+        if self.strategy == "vmap":
+            params = self.space.unflatten(thetas)
+            buffers = dict(self.root.named_buffers())
+
+            def one(p: dict[str, torch.Tensor]) -> torch.Tensor:
+                return torch.func.functional_call(self.root, (p, buffers), (x,))
+
+            return [(0, torch.func.vmap(one, randomness="error")(params))]
+        return self._loop_forward(x, thetas)
+
+    def _loop_forward(self, x: Any, thetas: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
+        for p in range(thetas.shape[0]):
+            self._set_parameters(thetas[p])
+            yield p, self.wrapper.forward(x).unsqueeze(0)
+
+    def _batched_forward(self, x: torch.Tensor, c: torch.Tensor, thetas: torch.Tensor) -> torch.Tensor:
+        params = self.space.unflatten(thetas)
+        buffers = dict(self.root.named_buffers())
+        return self.plan.forward(x, c, params, self._first, buffers)
+
+    def _points(self, c: torch.Tensor) -> torch.Tensor:
+        """θ for every point, ``(m, n)``: origin + c·basis, from scratch."""
+        return torch.addmm(self.origin.unsqueeze(0), c, self.basis)
+
+    def _set_parameters(self, theta: torch.Tensor) -> None:
+        views = self.space.unflatten(theta)
+        params = list(self.root.parameters())
+        torch._foreach_copy_(params, [views[s.name] for s in self.space.specs])
+
+    def _batches(self, group: list[DatasetMetric]) -> Iterator[tuple[Any, torch.Tensor]]:
+        data = group[0].data
+        if data.single:
+            key = data.key
+            if key not in self._cached_batches:
+                x, y = next(iter(data))
+                self._cached_batches[key] = (_to(x, self.device), _to(y, self.device))
+            yield self._cached_batches[key]
+            return
+        for x, y in data:
+            yield _to(x, self.device), _to(y, self.device)
+
+    @contextlib.contextmanager
+    def _model_state(self) -> Iterator[None]:
+        """Set the evaluation mode; restore parameters, buffers and modes afterwards."""
+        modules = list(self.root.modules())
+        modes = [m.training for m in modules]
+        params = [p for p in self.root.parameters()]
+        saved = [p.detach().clone() for p in params]
+        buffers = [b for b in self.root.buffers()]
+        saved_buffers = [b.detach().clone() for b in buffers]
+        try:
+            if self.model_mode != "as_is":
+                self.root.train(self.model_mode == "train")
+            yield
+        finally:
+            with torch.no_grad():
+                if params:
+                    torch._foreach_copy_(params, saved)
+                if buffers:
+                    torch._foreach_copy_(buffers, saved_buffers)
+            for mod, mode in zip(modules, modes, strict=True):
+                mod.training = mode
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_cached_batches"] = {}
+        return state
+
+    def describe(self) -> dict[str, Any]:
+        """What was chosen and why, for provenance."""
+        return {
+            "strategy": self.strategy,
+            "strategy_reason": self.reason,
+            "tile_points": self.tile_points,
+            "memory_budget": self.memory_budget,
+            "device": str(self.device),
+            "dtype": str(self.dtype).replace("torch.", ""),
+            "model_mode": self.model_mode,
+            "num_parameters": self.space.numel,
+            "num_directions": self.k,
+            "metrics": list(self.metric_names),
+        }
+
+
+def evaluate(
+    model: nn.Module | ModelWrapper,
+    metric: Metric | Sequence[Metric],
+    directions: Sequence[DirectionLike] | torch.Tensor | np.ndarray,
+    axes: Sequence[np.ndarray | Sequence[float]],
+    *,
+    device: str | torch.device | None = None,
+    strategy: Strategy = "auto",
+    max_batch_points: int | None = None,
+    memory_budget: int | None = None,
+    model_mode: ModelMode = "eval",
+    dims: Sequence[str] | None = None,
+    progress: bool = False,
+    origin: Mapping[str, torch.Tensor] | None = None,
+) -> Landscape:
+    """Evaluate metrics on the grid ``θ0 + Σ axes[i][jᵢ]·directions[i]``.
+
+    Args:
+        model: the model at θ0 (or a :class:`ModelWrapper`); left exactly as it was.
+        metric: a metric (``Loss``, ``Accuracy``, a custom ``Metric``), a pipeline or a list.
+        directions: k directions keyed like ``model.named_parameters()`` (or flat vectors).
+        axes: k 1-D coordinate arrays, any lengths and ranges; ``values[i, j]`` is at
+            ``(axes[0][i], axes[1][j])``.
+        device: where to evaluate; default the model's device.
+        strategy: ``"auto"``, ``"batched"``, ``"vmap"`` or ``"loop"``.
+        max_batch_points: upper bound on grid points per tile.
+        memory_budget: bytes per tile; default 1 GiB on a CPU, half the free memory on CUDA.
+        model_mode: ``"eval"`` (default), ``"train"`` or ``"as_is"``.
+        dims: axis names; default ``x``, ``y``, ``z``.
+        progress: show a progress bar.
+        origin: the point at coordinate 0 (default θ0, the model's parameters).
+
+    Returns:
+        A :class:`Landscape` with one array per metric, shaped like the grid.
+
+    >>> import torch
+    >>> model = torch.nn.Linear(2, 1)
+    >>> loss = Loss(torch.nn.MSELoss(), torch.ones(4, 2), torch.zeros(4, 1))
+    >>> d = random_direction(model, seed=0)
+    >>> evaluate(model, loss, [d], [[-1.0, 0.0, 1.0]]).values["loss"].shape
+    (3,)
+    """
+    grid = Grid(axes)
+    started = time.perf_counter()
+    evaluator = Evaluator(
+        model, metric, directions, origin=origin, device=device, strategy=strategy,
+        model_mode=model_mode, memory_budget=memory_budget, max_batch_points=max_batch_points,
+    )
+    if evaluator.k != grid.ndim:
+        raise ShapeMismatchError(
+            f"evaluate: {evaluator.k} direction(s) but {grid.ndim} axis/axes; give one coordinate "
+            "array per direction."
+        )
+    tile_shape = tile_shape_for(grid.shape, evaluator.tile_points)
+    values = {name: np.full(grid.shape, np.nan) for name in evaluator.metric_names}
+    tiles = grid.tiles(tile_shape)
+    bar = _progress(grid.size, progress)
+    try:
+        for tile in tiles:
+            try:
+                out = evaluator.evaluate_tile(grid, tile)
+            except (ConfigurationError, ShapeMismatchError):
+                raise
+            except Exception as err:
+                raise EvaluationError(
+                    f"evaluate: tile {tile.index} (grid indices {[(s.start, s.stop) for s in tile.slices]}) "
+                    f"failed: {type(err).__name__}: {err}"
+                ) from err
+            for name, block in out.items():
+                values[name][tile.slices] = block
+            bar(tile.size)
+    finally:
+        bar(None)
+    meta = evaluator.describe()
+    meta.update(tile_shape=list(tile_shape), seconds=time.perf_counter() - started)
+    return Landscape(values=values, axes=grid.axes, dims=dims, metadata=meta)
+
+
+def evaluate_tile(evaluator: Evaluator, axes: Sequence[np.ndarray], slices: Sequence[slice]) -> dict[str, np.ndarray]:
+    """Evaluate one block of grid indices: the unit of work of the pipeline and of dask.
+
+    Args:
+        evaluator: a prepared :class:`Evaluator` (picklable; build it once per worker).
+        axes: the grid's coordinate arrays.
+        slices: one slice per axis.
+
+    Returns:
+        Metric name → values shaped like the block.
+    """
+    grid = Grid(axes)
+    slices = tuple(slice(*s.indices(n)[:2]) for s, n in zip(slices, grid.shape, strict=True))
+    return evaluator.evaluate_tile(grid, Tile(index=(), slices=slices))
+
+
+def _progress(total: int, enabled: bool) -> Callable[[int | None], None]:
+    if not enabled:
+        return lambda n: None
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, unit="pt", desc="landscape", smoothing=0.1)
+
+    def update(n: int | None) -> None:
+        if n is None:
+            bar.close()
+        else:
+            bar.update(n)
+
+    return update
+
+
+def _group_by_data(metrics: list[DatasetMetric]) -> list[list[DatasetMetric]]:
+    groups: dict[tuple[int, int], list[DatasetMetric]] = {}
+    for m in metrics:
+        groups.setdefault(m.data.key, []).append(m)
+    return list(groups.values())
+
+
+def _scalar(value: Any, metric: Metric) -> float:
+    arr = np.asarray(value.detach().cpu() if isinstance(value, torch.Tensor) else value, dtype=np.float64)
+    if arr.size != 1:
+        raise ConfigurationError(
+            f"metric {type(metric).__name__} returned an array of shape {arr.shape}; evaluate "
+            "stores one number per point. Return a float (e.g. a norm of the array)."
+        )
+    return float(arr.reshape(()))
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    for p in module.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def _resolve_device(device: str | torch.device | None, root: nn.Module) -> torch.device:
+    if device is None or device == "auto":
+        return _device_of(root) if device is None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigurationError(
+            f"device={str(device)!r} but no CUDA device is available; use device='cpu' (or 'auto')."
+        )
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    return dev
+
+
+def _copy_wrapper(wrapper: ModelWrapper, copy_fn: Callable[[Any], Any]) -> ModelWrapper:
+    if type(wrapper) is SimpleModelWrapper:
+        return SimpleModelWrapper(copy_fn(wrapper.modules[0]))
+    return copy_fn(wrapper)

@@ -1,0 +1,134 @@
+"""Build library objects (model, data, metrics, grid axes) from resolved config sections."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from hydra.utils import instantiate
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
+
+import landscapes as L
+from landscapes.checkpoints import load_into, load_state_dict
+from landscapes.errors import ConfigurationError
+
+
+def build_model(model_cfg: Mapping[str, Any]) -> nn.Module:
+    """Instantiate ``model._target_`` with its keyword arguments."""
+    if "_target_" not in model_cfg:
+        raise ConfigurationError(
+            "model._target_ is missing: name the model class, e.g. model._target_=pipelines.demo.DemoMLP."
+        )
+    try:
+        model = instantiate(dict(model_cfg))
+    except Exception as err:
+        raise ConfigurationError(
+            f"model: cannot instantiate {model_cfg['_target_']!r} ({type(err).__name__}: "
+            f"{str(err).splitlines()[0]}); check model._target_ and its keyword arguments."
+        ) from err
+    if not isinstance(model, nn.Module):
+        raise ConfigurationError(
+            f"model._target_={model_cfg['_target_']!r} built a {type(model).__name__}, not a torch.nn.Module."
+        )
+    return model
+
+
+def load_model(model_cfg: Mapping[str, Any], checkpoint: Path, *, trust_pickle: bool, strict: bool = True) -> nn.Module:
+    """The configured model with the checkpoint's weights (strict key matching)."""
+    model = build_model(model_cfg)
+    load_into(model, load_state_dict(checkpoint, trust_pickle=trust_pickle), strict=strict)
+    return model.eval()
+
+
+def build_dataset(data_cfg: Mapping[str, Any]) -> Dataset:
+    dataset_cfg = data_cfg.get("dataset") or {}
+    if "_target_" not in dataset_cfg:
+        raise ConfigurationError(
+            "data.dataset._target_ is missing: name a function or class returning a torch Dataset."
+        )
+    dataset = instantiate(dict(dataset_cfg))
+    limit = data_cfg.get("limit")
+    if limit is not None:
+        if limit < 1:
+            raise ConfigurationError(f"data.limit={limit}: give a positive number of samples or null.")
+        dataset = Subset(dataset, range(min(int(limit), len(dataset))))
+    if len(dataset) == 0:
+        raise ConfigurationError("data: the dataset is empty; check data.dataset and data.limit.")
+    return dataset
+
+
+def build_data(data_cfg: Mapping[str, Any]) -> tuple[Any, Any]:
+    """``(inputs, target)`` of one batch when ``batch_size`` is null, else ``(DataLoader, None)``."""
+    dataset = build_dataset(data_cfg)
+    batch_size = data_cfg.get("batch_size")
+    if batch_size is None:
+        if isinstance(dataset, TensorDataset):
+            x, y = dataset.tensors[:2]
+            return x, y
+        x, y = next(iter(DataLoader(dataset, batch_size=len(dataset), shuffle=False)))
+        return x, y
+    if batch_size < 1:
+        raise ConfigurationError(f"data.batch_size={batch_size}: give a positive integer or null.")
+    return DataLoader(dataset, batch_size=int(batch_size), shuffle=False), None
+
+
+def build_metrics(metrics_cfg: Mapping[str, Any], data: tuple[Any, Any]) -> list[L.Metric]:
+    """``Loss`` (named "loss") and, if enabled, ``Accuracy`` on the same data: one forward pass."""
+    inputs, target = data
+    loss_cfg = metrics_cfg.get("loss")
+    if not loss_cfg or "_target_" not in loss_cfg:
+        raise ConfigurationError("metrics.loss._target_ is missing, e.g. torch.nn.CrossEntropyLoss.")
+    metrics: list[L.Metric] = [L.Loss(instantiate(dict(loss_cfg)), inputs, target, name="loss")]
+    if metrics_cfg.get("accuracy", True):
+        metrics.append(L.Accuracy(inputs, target, name="accuracy"))
+    return metrics
+
+
+def metric_names(metrics_cfg: Mapping[str, Any]) -> list[str]:
+    return ["loss", "accuracy"] if metrics_cfg.get("accuracy", True) else ["loss"]
+
+
+def grid_axes(grid_cfg: Mapping[str, Any]) -> list[np.ndarray]:
+    """One coordinate array per axis from ``grid.dims``, ``grid.steps`` and ``grid.range``."""
+    dims = grid_cfg.get("dims", 2)
+    if dims not in (1, 2):
+        raise ConfigurationError(f"grid.dims={dims}: the pipeline computes lines (1) or planes (2).")
+    steps = grid_cfg.get("steps")
+    steps = list(steps) if isinstance(steps, (list, tuple)) else [steps] * dims
+    rng = grid_cfg.get("range")
+    if isinstance(rng, (list, tuple)) and rng and isinstance(rng[0], (list, tuple)):
+        ranges = [list(r) for r in rng]
+    else:
+        ranges = [list(rng)] * dims
+    if len(steps) != dims or len(ranges) != dims:
+        raise ConfigurationError(
+            f"grid: dims={dims} but steps={grid_cfg.get('steps')} and range={grid_cfg.get('range')}; "
+            "give one value (or pair) for all axes, or one per axis."
+        )
+    axes = []
+    for i, (n, r) in enumerate(zip(steps, ranges, strict=True)):
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ConfigurationError(
+                f"grid.steps={n!r} (axis {i}): an axis needs at least one point; set grid.steps to a positive integer."
+            )
+        if len(r) != 2:
+            raise ConfigurationError(f"grid.range={r} (axis {i}): give [low, high].")
+        try:
+            axes.append(L.axis(float(r[0]), float(r[1]), n))
+        except ConfigurationError as err:
+            raise ConfigurationError(f"grid.range={r} (axis {i}): {err}; set finite numbers.") from err
+    return axes
+
+
+def as_device(device: str) -> str:
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigurationError(
+            "compute.device=cuda but no CUDA device is available; use compute.device=auto or cpu."
+        )
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device

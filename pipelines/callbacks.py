@@ -1,0 +1,85 @@
+"""Hydra callbacks: one MLflow parent run over a sweep, and the compare stage when it ends."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+ENV_SWEEP_RUN = "LANDSCAPES_SWEEP_RUN_ID"
+SWEEP_RUN_FILE = "sweep_run_id"
+
+
+def sweep_run_id() -> str | None:
+    """The sweep's parent run when this job belongs to a Hydra multirun."""
+    try:
+        hc = HydraConfig.get()
+    except ValueError:
+        return None
+    if hc.mode != RunMode.MULTIRUN:
+        return None
+    if os.environ.get(ENV_SWEEP_RUN):
+        return os.environ[ENV_SWEEP_RUN]
+    marker = Path(hc.sweep.dir) / SWEEP_RUN_FILE
+    return marker.read_text().strip() if marker.exists() else None
+
+
+class SweepCallback(Callback):
+    """Creates the tracking store and the sweep's parent run before any job starts.
+
+    Creating the sqlite database up front matters: parallel launchers (joblib) would
+    otherwise race on table creation.
+    """
+
+    def __init__(self) -> None:
+        self.run_id: str | None = None
+        self.experiment_id: str | None = None
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from mlflow.tracking import MlflowClient
+
+        from pipelines import tracking
+
+        uri = tracking.configure(str(OmegaConf.select(config, "tracking.uri")))
+        artifacts = Path(str(OmegaConf.select(config, "paths.artifacts_dir")))
+        self.experiment_id = tracking.get_or_create_experiment(
+            str(OmegaConf.select(config, "tracking.experiment")), artifact_root=tracking.default_artifact_root(uri, artifacts)
+        )
+        sweep_dir = Path(str(OmegaConf.select(config, "hydra.sweep.dir")))
+        overrides = " ".join(OmegaConf.select(config, "hydra.overrides.task") or [])
+        run = MlflowClient().create_run(
+            self.experiment_id, run_name=f"sweep {sweep_dir.name}",
+            tags={tracking.TAG_KIND: "sweep", "landscapes.sweep_dir": str(sweep_dir), "landscapes.overrides": overrides[:5000]},
+        )
+        self.run_id = run.info.run_id
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        (sweep_dir / SWEEP_RUN_FILE).write_text(self.run_id + "\n")
+        os.environ[ENV_SWEEP_RUN] = self.run_id
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        from mlflow.tracking import MlflowClient
+
+        from pipelines import compare
+
+        if self.run_id is None:
+            return
+        status = "FINISHED"
+        try:
+            if OmegaConf.select(config, "compare", default=True):
+                runs = compare.pipeline_runs(experiment_id=self.experiment_id, parent_run_id=self.run_id)
+                if len(runs) >= 2:
+                    out = Path(str(OmegaConf.select(config, "hydra.sweep.dir"))) / "compare"
+                    result = compare.compare(runs, out_dir=out, experiment_id=self.experiment_id, parent_run_id=self.run_id,
+                                             log=bool(OmegaConf.select(config, "plot.log", default=True)))
+                    print(f"compared {len(runs)} landscapes: {out} (MLflow run {result.run_id})")
+        except Exception:
+            status = "FAILED"
+            raise
+        finally:
+            MlflowClient().set_terminated(self.run_id, status)
+            os.environ.pop(ENV_SWEEP_RUN, None)

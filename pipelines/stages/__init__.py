@@ -1,0 +1,1 @@
+"""One plain function per stage: ``stage(cfg, inputs) -> outputs`` of frozen dataclasses."""

@@ -1,0 +1,77 @@
+"""Stage 4: finalize the store and compute the summary figures of the landscape."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from landscapes.errors import StoreError
+from landscapes.store import LandscapeStore
+from pipelines.stages.evaluate import theta0_index
+
+
+@dataclass(frozen=True)
+class AggregateInputs:
+    store: Path
+
+
+@dataclass(frozen=True)
+class AggregateOutputs:
+    store: Path
+    summary: dict[str, Any]
+    metrics: dict[str, float] = field(default_factory=dict)
+    artifacts: tuple[Path, ...] = ()
+
+
+def aggregate(cfg: dict[str, Any], inputs: AggregateInputs) -> AggregateOutputs:
+    """Summary metrics: values at θ0, the minimum and where, sharpness, flat area, NaN counts."""
+    store = LandscapeStore.open(inputs.store, mode="r+")
+    if not store.is_complete():
+        missing = len(store.missing_tiles())
+        raise StoreError(
+            f"aggregate: {missing} tile(s) of {inputs.store} are not done; re-run the pipeline "
+            "(it resumes the evaluation) before aggregating."
+        )
+    summary = summarize(store, radius=cfg["summary"]["radius"], flat_tolerance=cfg["summary"]["flat_tolerance"])
+    store.update_attrs({"summary": {k: (v if _finite(v) else str(v)) for k, v in summary.items()}})
+    metrics = {k: float(v) for k, v in summary.items() if isinstance(v, (int, float)) and _finite(v)}
+    return AggregateOutputs(store=inputs.store, summary=summary, metrics=metrics, artifacts=(inputs.store,))
+
+
+def summarize(store: LandscapeStore, *, radius: float, flat_tolerance: float) -> dict[str, Any]:
+    axes = [np.asarray(a) for a in store.axes]
+    centre = theta0_index(axes)
+    mesh = np.meshgrid(*axes, indexing="ij")
+    dist = np.sqrt(sum(m**2 for m in mesh))
+    out: dict[str, Any] = {"points": int(dist.size)}
+    for name in store.metrics:
+        values = store.read(name)
+        finite = np.isfinite(values)
+        out[f"{name}_nan_count"] = int(np.isnan(values).sum())
+        out[f"{name}_inf_count"] = int(np.isinf(values).sum())
+        if centre is not None:
+            out[f"{name}_at_theta0"] = float(values[centre])
+        if not finite.any():
+            continue
+        masked = np.where(finite, values, np.inf)
+        imin = np.unravel_index(int(np.argmin(masked)), values.shape)
+        out[f"{name}_min"] = float(values[imin])
+        out[f"{name}_max"] = float(np.max(np.where(finite, values, -np.inf)))
+        for d, i in zip(store.dims, imin, strict=True):
+            out[f"{name}_argmin_{d}"] = float(axes[store.dims.index(d)][i])
+    loss = store.read("loss") if "loss" in store.metrics else None
+    if loss is not None and centre is not None and np.isfinite(loss[centre]):
+        l0 = float(loss[centre])
+        near = (dist <= radius) & np.isfinite(loss)
+        if near.any():
+            out[f"sharpness_r{radius:g}"] = float(np.mean(loss[near]) - l0)
+        out[f"flat_area_tol{flat_tolerance:g}"] = float(np.mean(np.isfinite(loss) & (loss <= (1 + flat_tolerance) * l0)))
+    return out
+
+
+def _finite(v: Any) -> bool:
+    return not (isinstance(v, float) and not math.isfinite(v))

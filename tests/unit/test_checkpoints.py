@@ -1,0 +1,328 @@
+"""Checkpoint reading and loading, on real files written with torch.save and safetensors."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from landscapes.checkpoints import (
+    checkpoint_identity,
+    load_into,
+    load_state_dict,
+    parameter_count,
+)
+from landscapes.errors import CheckpointError, CheckpointNotFoundError
+
+
+def _model(seed: int = 0, hidden: int = 5) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(3, hidden), nn.ReLU(), nn.Linear(hidden, 2))
+
+
+class _Wrapper(nn.Module):
+    """A model whose own keys start with ``net.``, like the demo models."""
+
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__()
+        self.net = _model(seed)
+
+
+def _assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert sorted(a) == sorted(b)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+
+
+def _snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+@pytest.fixture
+def source() -> nn.Sequential:
+    return _model(seed=1)
+
+
+# --- formats -------------------------------------------------------------------------------
+
+
+def _save_plain(sd, path):
+    torch.save(sd, path)
+
+
+def _save_legacy(sd, path):
+    torch.save(sd, path, _use_new_zipfile_serialization=False)
+
+
+def _save_nested(key):
+    def save(sd, path):
+        torch.save({key: sd, "epoch": 7, "note": "trained"}, path)
+
+    return save
+
+
+def _save_safetensors(sd, path):
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
+
+
+@pytest.mark.parametrize(
+    ("name", "save"),
+    [
+        pytest.param("m.pt", _save_plain, id="pt"),
+        pytest.param("m.pth", _save_plain, id="pth"),
+        pytest.param("m.bin", _save_plain, id="bin"),
+        pytest.param("m.pt", _save_legacy, id="pt-legacy-serialization"),
+        pytest.param("m.pt", _save_nested("state_dict"), id="nested-state_dict"),
+        pytest.param("m.pth", _save_nested("model_state_dict"), id="nested-model_state_dict"),
+        pytest.param("m.pt", _save_nested("model"), id="nested-model"),
+        pytest.param("m.safetensors", _save_safetensors, id="safetensors"),
+        pytest.param("m.weights", _save_plain, id="unknown-suffix-torch-sniffed"),
+        pytest.param("m.st", _save_safetensors, id="unknown-suffix-safetensors-sniffed"),
+    ],
+)
+def test_formats_round_trip(tmp_path: Path, source: nn.Module, name: str, save) -> None:
+    path = tmp_path / name
+    save(source.state_dict(), path)
+    sd = load_state_dict(path)
+    _assert_same(sd, dict(source.state_dict()))
+    target = load_into(_model(seed=2), sd)
+    _assert_same(dict(target.state_dict()), dict(source.state_dict()))
+
+
+def test_str_path_and_map_location(tmp_path: Path, source: nn.Module) -> None:
+    path = tmp_path / "m.pt"
+    torch.save(source.state_dict(), path)
+    sd = load_state_dict(str(path), map_location=torch.device("cpu"))
+    assert all(t.device.type == "cpu" for t in sd.values())
+
+
+def _lightning_checkpoint(model: nn.Module) -> dict:
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.randn(4, 3)).sum().backward()
+    optimizer.step()
+    state = {f"model.{k}": v for k, v in model.state_dict().items()}
+    state["loss_fn.weight"] = torch.ones(2)  # another submodule of the LightningModule
+    return {
+        "epoch": 3,
+        "global_step": 120,
+        "pytorch-lightning_version": "2.4.0",
+        "state_dict": state,
+        "optimizer_states": [optimizer.state_dict()],
+        "lr_schedulers": [],
+        "hyper_parameters": {"lr": 0.1, "hidden": [5]},
+        "loops": {"fit_loop": {"epoch_progress": {"current": {"completed": 3}}}},
+    }
+
+
+def test_lightning_ckpt_with_model_prefix(tmp_path: Path, source: nn.Module) -> None:
+    path = tmp_path / "epoch=3-step=120.ckpt"
+    torch.save(_lightning_checkpoint(source), path)
+    sd = load_state_dict(path)
+    assert "model.0.weight" in sd and "loss_fn.weight" in sd
+    target = load_into(_model(seed=2), sd)
+    _assert_same(dict(target.state_dict()), dict(source.state_dict()))
+
+
+def test_prefix_kept_when_the_model_has_it(tmp_path: Path) -> None:
+    source = _Wrapper(seed=1)
+    path = tmp_path / "lit.ckpt"
+    torch.save({"state_dict": {f"model.{k}": v for k, v in source.state_dict().items()}}, path)
+    target = load_into(_Wrapper(seed=2), load_state_dict(path))
+    _assert_same(dict(target.state_dict()), dict(source.state_dict()))
+
+
+def test_nested_prefixes_stripped(source: nn.Module) -> None:
+    sd = {f"model.module.{k}": v for k, v in source.state_dict().items()}
+    target = load_into(_model(seed=2), sd)
+    _assert_same(dict(target.state_dict()), dict(source.state_dict()))
+
+
+# --- pickled objects -----------------------------------------------------------------------
+
+
+def test_full_module_refused_without_opt_in(tmp_path: Path, source: nn.Module) -> None:
+    path = tmp_path / "whole_model.pt"
+    torch.save(source, path)
+    with pytest.raises(CheckpointError, match="not a plain state dict") as info:
+        load_state_dict(path)
+    message = str(info.value)
+    assert "arbitrary code" in message
+    assert "trust_pickle=True" in message and "checkpoint.trust_pickle=true" in message
+    assert str(path) in message
+    assert "torch.nn.modules.container.Sequential" in message
+
+
+def test_full_module_accepted_with_opt_in(tmp_path: Path, source: nn.Module) -> None:
+    path = tmp_path / "whole_model.pt"
+    torch.save(source, path)
+    sd = load_state_dict(path, trust_pickle=True)
+    _assert_same(sd, dict(source.state_dict()))
+
+
+def test_pickled_object_in_dict_refused(tmp_path: Path, source: nn.Module) -> None:
+    import argparse
+
+    path = tmp_path / "with_namespace.ckpt"
+    torch.save({"state_dict": source.state_dict(), "args": argparse.Namespace(lr=0.1)}, path)
+    with pytest.raises(CheckpointError, match=r"not a plain state dict.*trust_pickle=True"):
+        load_state_dict(path)
+    _assert_same(load_state_dict(path, trust_pickle=True), dict(source.state_dict()))
+
+
+def test_dict_without_state_dict(tmp_path: Path) -> None:
+    path = tmp_path / "other.pt"
+    torch.save({"epoch": 3, "weights": [1.0, 2.0]}, path)
+    with pytest.raises(CheckpointError, match=r"holds a dict with keys \['epoch', 'weights'\]"):
+        load_state_dict(path)
+
+
+def test_not_a_dict(tmp_path: Path) -> None:
+    path = tmp_path / "tensor.pt"
+    torch.save(torch.zeros(3), path)
+    with pytest.raises(CheckpointError, match="holds a Tensor, not a state dict"):
+        load_state_dict(path)
+
+
+# --- bad files -----------------------------------------------------------------------------
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    path = tmp_path / "nope.pt"
+    with pytest.raises(CheckpointNotFoundError, match=re.escape(f"{str(path)!r} does not exist")):
+        load_state_dict(path)
+    with pytest.raises(FileNotFoundError):
+        checkpoint_identity(path)
+
+
+def test_directory(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="is a directory"):
+        load_state_dict(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "fmt"),
+    [
+        pytest.param("m.pt", "truncate", "a torch.save file", id="truncated-pt"),
+        pytest.param("m.pt", b"", "a torch.save file", id="empty-pt"),
+        pytest.param("m.ckpt", b"not a checkpoint at all", "a torch.save file", id="garbage"),
+        pytest.param("m.safetensors", "truncate", "safetensors", id="truncated-safetensors"),
+        pytest.param("m.safetensors", b"garbage123456789", "safetensors", id="garbage-st"),
+    ],
+)
+def test_corrupt_file(tmp_path: Path, source: nn.Module, name: str, content, fmt: str) -> None:
+    path = tmp_path / name
+    if content == "truncate":
+        if fmt == "safetensors":
+            _save_safetensors(source.state_dict(), path)
+        else:
+            torch.save(source.state_dict(), path)
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+    else:
+        path.write_bytes(content)
+    pattern = rf"{re.escape(repr(str(path)))} could not be read as {re.escape(fmt)}.*corrupt"
+    with pytest.raises(CheckpointError, match=pattern):
+        load_state_dict(path)
+
+
+def test_unknown_format(tmp_path: Path) -> None:
+    path = tmp_path / "m.weights"
+    path.write_bytes(b"hello")
+    with pytest.raises(CheckpointError, match="cannot tell its format.*Rename the file"):
+        load_state_dict(path)
+
+
+# --- mismatches ----------------------------------------------------------------------------
+
+
+def test_missing_keys(source: nn.Module) -> None:
+    sd = dict(source.state_dict())
+    del sd["2.bias"], sd["0.bias"]
+    target = _model(seed=2)
+    before = _snapshot(target)
+    with pytest.raises(
+        CheckpointError,
+        match=r"2 missing keys \(in the model, not in the checkpoint\):\n  0.bias\n  2.bias",
+    ) as info:
+        load_into(target, sd)
+    assert "right file" in str(info.value) and "model config" in str(info.value)
+    _assert_same(dict(target.state_dict()), before)
+
+
+def test_unexpected_keys(source: nn.Module) -> None:
+    sd = dict(source.state_dict())
+    sd["4.weight"] = torch.zeros(2, 2)
+    with pytest.raises(
+        CheckpointError,
+        match=r"1 unexpected key \(in the checkpoint, not in the model\):\n  4.weight",
+    ):
+        load_into(_model(seed=2), sd)
+
+
+def test_shape_mismatch(source: nn.Module) -> None:
+    target = _model(seed=2, hidden=7)
+    before = _snapshot(target)
+    with pytest.raises(
+        CheckpointError,
+        match=r"3 shape mismatches \(checkpoint vs model\):\n"
+        r"  0.weight: checkpoint \(5, 3\) vs model \(7, 3\)\n  0.bias: checkpoint \(5\) vs model \(7\)",
+    ):
+        load_into(target, source.state_dict())
+    with pytest.raises(CheckpointError, match="shape mismatch"):
+        load_into(target, source.state_dict(), strict=False)
+    _assert_same(dict(target.state_dict()), before)
+
+
+def test_mismatch_message_mentions_stripped_prefix(source: nn.Module) -> None:
+    sd = {f"model.{k}": v for k, v in source.state_dict().items() if k != "2.bias"}
+    with pytest.raises(CheckpointError, match=r"after stripping the prefix 'model\.'"):
+        load_into(_model(seed=2), sd)
+
+
+def test_long_lists_are_truncated() -> None:
+    target = nn.Sequential(*[nn.Linear(2, 2) for _ in range(12)])
+    with pytest.raises(
+        CheckpointError, match=r"24 missing keys [^\n]*\n(  \S+\n){9}  4.bias\n  \.\.\. and 14 more"
+    ) as info:
+        load_into(target, {})
+    assert "5.weight" not in str(info.value)
+
+
+def test_non_strict_allows_missing_and_unexpected(source: nn.Module) -> None:
+    sd = dict(source.state_dict())
+    del sd["2.bias"]
+    sd["extra"] = torch.zeros(1)
+    target = _model(seed=2)
+    before = _snapshot(target)
+    load_into(target, sd, strict=False)
+    torch.testing.assert_close(target.state_dict()["0.weight"], source.state_dict()["0.weight"])
+    torch.testing.assert_close(target.state_dict()["2.bias"], before["2.bias"])
+
+
+# --- identity ------------------------------------------------------------------------------
+
+
+def test_checkpoint_identity(tmp_path: Path, source: nn.Module, monkeypatch) -> None:
+    path = tmp_path / "m.pt"
+    torch.save(source.state_dict(), path)
+    monkeypatch.chdir(tmp_path)
+    identity = checkpoint_identity("m.pt")
+    data = path.read_bytes()
+    assert identity == {
+        "path": str(path),
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "size_bytes": len(data),
+    }
+    assert Path(identity["path"]).is_absolute()
+
+
+def test_parameter_count() -> None:
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
+    expected = (3 * 4 + 4) + (4 + 4) + (4 * 2 + 2)
+    assert parameter_count(model) == expected
+    assert parameter_count(model.state_dict()) == expected

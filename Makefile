@@ -6,7 +6,7 @@ PY          := $(VENV)/bin/python
 STAMP       := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install test test-fast demo lint bench clean ui
+.PHONY: install test test-fast demo example lint bench clean
 
 install: $(STAMP)
 
@@ -23,7 +23,17 @@ test: install
 test-fast: install
 	$(PY) -m pytest -m "not gpu and not slow" $(PYTEST_ARGS)
 
+DEMO_CKPTS  := outputs/demo/checkpoints
 demo: install
+	$(PY) -m pipelines.train
+	$(PY) -m pipelines.run -m checkpoint.path=$(DEMO_CKPTS)/epoch_000.pt,$(DEMO_CKPTS)/epoch_010.pt,$(DEMO_CKPTS)/epoch_030.pt
+	@echo
+	@echo "Done. Landscapes: outputs/stores/, plots: outputs/sweeps/<time>/<job>/plots/, comparison: outputs/sweeps/<time>/compare/"
+	@echo "Open the MLflow UI on the demo's store:"
+	@echo "  $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --port 5000"
+	@echo "then browse http://127.0.0.1:5000 (experiment 'landscapes')."
+
+example: install
 	$(PY) examples/quickstart.py
 
 lint: install

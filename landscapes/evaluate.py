@@ -447,11 +447,11 @@ def evaluate(
     Returns:
         A :class:`Landscape` with one array per metric, shaped like the grid.
 
-    >>> import torch
+    >>> import landscapes as L
     >>> model = torch.nn.Linear(2, 1)
-    >>> loss = Loss(torch.nn.MSELoss(), torch.ones(4, 2), torch.zeros(4, 1))
-    >>> d = random_direction(model, seed=0)
-    >>> evaluate(model, loss, [d], [[-1.0, 0.0, 1.0]]).values["loss"].shape
+    >>> loss = L.Loss(torch.nn.MSELoss(), torch.ones(4, 2), torch.zeros(4, 1))
+    >>> d = L.random_direction(model, seed=0)
+    >>> L.evaluate(model, loss, [d], [[-1.0, 0.0, 1.0]]).values["loss"].shape
     (3,)
     """
     grid = Grid(axes)

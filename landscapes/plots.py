@@ -154,8 +154,15 @@ def _save_png(fig: Figure, path: Path, metadata: dict[str, str] | None = None) -
 def _mark_theta0_2d(ax: Axes, coords: Sequence[np.ndarray]) -> None:
     if _contains_zero(coords[0]) and _contains_zero(coords[1]):
         ax.plot(
-            [0.0], [0.0], linestyle="none", marker="*", markersize=12, color="white",
-            markeredgecolor="black", label="θ0", zorder=5,
+            [0.0],
+            [0.0],
+            linestyle="none",
+            marker="*",
+            markersize=12,
+            color="white",
+            markeredgecolor="black",
+            label="θ0",
+            zorder=5,
         )
         ax.legend(loc="upper right", fontsize="small")
 
@@ -231,8 +238,16 @@ def plot_surface(landscape_or_ds: Any, metric: str = "loss", *, log: bool = Fals
     ax = fig.add_subplot(projection="3d")
     xx, yy = np.meshgrid(coords[0], coords[1], indexing="ij")
     surf = ax.plot_surface(
-        xx, yy, np.ma.masked_invalid(z), cmap=_CMAP, vmin=lo, vmax=hi, linewidth=0,
-        antialiased=False, rstride=1, cstride=1,
+        xx,
+        yy,
+        np.ma.masked_invalid(z),
+        cmap=_CMAP,
+        vmin=lo,
+        vmax=hi,
+        linewidth=0,
+        antialiased=False,
+        rstride=1,
+        cstride=1,
     )
     fig.colorbar(surf, ax=ax, label=label, shrink=0.7)
     ax.set_xlabel(_axis_label(ds, dims[0]))
@@ -348,27 +363,42 @@ def plot_html(
         fig.update_layout(xaxis_title=_axis_label(ds, dims[0]), yaxis_title=label, title=label)
     else:
         fig = make_subplots(
-            rows=1, cols=2, specs=[[{"type": "surface"}, {"type": "xy"}]],
+            rows=1,
+            cols=2,
+            specs=[[{"type": "surface"}, {"type": "xy"}]],
             subplot_titles=("surface", "contour"),
         )
         zt = z.T  # plotly: z[row=y][col=x]
         fig.add_trace(go.Surface(x=coords[0], y=coords[1], z=zt, coloraxis="coloraxis"), 1, 1)
         fig.add_trace(
             go.Contour(x=coords[0], y=coords[1], z=zt, coloraxis="coloraxis", ncontours=30),
-            1, 2,
+            1,
+            2,
         )
         if _contains_zero(coords[0]) and _contains_zero(coords[1]):
             fig.add_trace(
-                go.Scatter(x=[0.0], y=[0.0], mode="markers", name="θ0",
-                           marker={"symbol": "star", "size": 12, "color": "white",
-                                   "line": {"color": "black", "width": 1}}),
-                1, 2,
+                go.Scatter(
+                    x=[0.0],
+                    y=[0.0],
+                    mode="markers",
+                    name="θ0",
+                    marker={
+                        "symbol": "star",
+                        "size": 12,
+                        "color": "white",
+                        "line": {"color": "black", "width": 1},
+                    },
+                ),
+                1,
+                2,
             )
         xl, yl = _axis_label(ds, dims[0]), _axis_label(ds, dims[1])
         fig.update_layout(
-            title=label, coloraxis={"colorscale": "Viridis", "colorbar": {"title": label}},
+            title=label,
+            coloraxis={"colorscale": "Viridis", "colorbar": {"title": label}},
             scene={"xaxis_title": xl, "yaxis_title": yl, "zaxis_title": label},
-            xaxis_title=xl, yaxis_title=yl,
+            xaxis_title=xl,
+            yaxis_title=yl,
         )
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -559,8 +589,12 @@ def _difference_figure(fields, labels: list[str], levels: int = 30) -> Figure | 
     cs = None
     for ax, (d, label) in zip(axes, diffs, strict=True):
         cs = ax.contourf(
-            base_coords[0], base_coords[1], np.ma.masked_invalid(d.T), levels=lv,
-            cmap=_DIFF_CMAP, norm=norm,
+            base_coords[0],
+            base_coords[1],
+            np.ma.masked_invalid(d.T),
+            levels=lv,
+            cmap=_DIFF_CMAP,
+            norm=norm,
         )
         ax.set_title(f"{label} − {labels[0]}")
         ax.set_xlabel(base_dims[0])
@@ -617,18 +651,27 @@ def plot_comparison(
         diff = _difference_figure(fields, labels)
         if diff is not None:
             paths.append(_save_png(diff, out / f"{name}_difference.png"))
-        fig = make_subplots(rows=1, cols=len(fields), subplot_titles=labels,
-                            shared_xaxes=True, shared_yaxes=True)
+        fig = make_subplots(
+            rows=1, cols=len(fields), subplot_titles=labels, shared_xaxes=True, shared_yaxes=True
+        )
         for n, (z, coords, _, _) in enumerate(fields, start=1):
-            fig.add_trace(go.Heatmap(x=coords[0], y=coords[1], z=z.T, coloraxis="coloraxis"),
-                          1, n)
-        fig.update_layout(coloraxis={"colorscale": "Viridis", "cmin": lo, "cmax": hi,
-                                     "colorbar": {"title": zlabel}}, title=zlabel)
+            fig.add_trace(go.Heatmap(x=coords[0], y=coords[1], z=z.T, coloraxis="coloraxis"), 1, n)
+        fig.update_layout(
+            coloraxis={
+                "colorscale": "Viridis",
+                "cmin": lo,
+                "cmax": hi,
+                "colorbar": {"title": zlabel},
+            },
+            title=zlabel,
+        )
     else:
-        fig = go.Figure([
-            go.Scatter(x=coords[0], y=z, mode="lines+markers", name=label)
-            for (z, coords, _, _), label in zip(fields, labels, strict=True)
-        ])
+        fig = go.Figure(
+            [
+                go.Scatter(x=coords[0], y=z, mode="lines+markers", name=label)
+                for (z, coords, _, _), label in zip(fields, labels, strict=True)
+            ]
+        )
         fig.update_layout(title=zlabel, yaxis_title=zlabel, xaxis_title=fields[0][2][0])
     html = out / f"{name}_comparison.html"
     fig.write_html(html, include_plotlyjs=True, full_html=True)

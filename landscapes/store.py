@@ -109,9 +109,7 @@ class LandscapeStore:
         self._dims = tuple(attrs["dims"])
         self._metrics = tuple(attrs["metrics"])
         self._tile_shape = tuple(int(t) for t in attrs["tile_shape"])
-        self._axes = tuple(
-            np.asarray(group[d][...], dtype=np.float64) for d in self._dims
-        )
+        self._axes = tuple(np.asarray(group[d][...], dtype=np.float64) for d in self._dims)
         self._grid = Grid(self._axes)
         self._arrays: dict[str, Any] = {}
 
@@ -230,26 +228,44 @@ class LandscapeStore:
         group = zarr.create_group(store=str(p), zarr_format=3, attributes=root_attrs)
         for d, a in zip(dims, grid.axes, strict=True):
             arr = group.create_array(
-                d, shape=a.shape, dtype="float64", chunks=a.shape, dimension_names=(d,),
+                d,
+                shape=a.shape,
+                dtype="float64",
+                chunks=a.shape,
+                dimension_names=(d,),
                 fill_value=np.nan,
             )
             arr[...] = a
         for m in metrics:
             group.create_array(
-                m, shape=grid.shape, dtype="float64", chunks=tile_shape, fill_value=np.nan,
-                dimension_names=dims, attributes={"long_name": m},
+                m,
+                shape=grid.shape,
+                dtype="float64",
+                chunks=tile_shape,
+                fill_value=np.nan,
+                dimension_names=dims,
+                attributes={"long_name": m},
             )
         group.create_array(
-            "done", shape=counts, dtype="bool", chunks=counts, fill_value=False,
+            "done",
+            shape=counts,
+            dtype="bool",
+            chunks=counts,
+            fill_value=False,
             dimension_names=tile_dims,
-            attributes={"description": "True where the tile's values are final (set by the "
-                        "driver after a tile's write_tile returned)."},
+            attributes={
+                "description": "True where the tile's values are final (set by the "
+                "driver after a tile's write_tile returned)."
+            },
         )
         if dir_array is not None:
             k, n = dir_array.shape
             arr = group.create_array(
-                "directions", shape=(k, n), dtype=dir_array.dtype,
-                chunks=(k, min(n, DIRECTIONS_CHUNK_ELEMENTS)), fill_value=0.0,
+                "directions",
+                shape=(k, n),
+                dtype=dir_array.dtype,
+                chunks=(k, min(n, DIRECTIONS_CHUNK_ELEMENTS)),
+                fill_value=0.0,
                 dimension_names=("direction", "parameter"),
             )
             arr[...] = dir_array
@@ -361,9 +377,7 @@ class LandscapeStore:
         return self._grid.tiles(self._tile_shape)
 
     # ------------------------------------------------------------------ writing
-    def write_tile(
-        self, tile: Tile | tuple[int, ...], values: Mapping[str, np.ndarray]
-    ) -> None:
+    def write_tile(self, tile: Tile | tuple[int, ...], values: Mapping[str, np.ndarray]) -> None:
         """Write every metric's block of one tile (whole chunks; safe across processes).
 
         Args:

@@ -56,6 +56,14 @@ class Backend(str, Enum):
     dask = "dask"
 
 
+class StageName(str, Enum):
+    checkpoint = "checkpoint"
+    directions = "directions"
+    evaluate = "evaluate"
+    aggregate = "aggregate"
+    report = "report"
+
+
 @dataclass
 class PathsConfig:
     root_dir: str = MISSING
@@ -153,6 +161,7 @@ class PipelineConfig:
     plot: PlotConfig = field(default_factory=PlotConfig)
     summary: SummaryConfig = field(default_factory=SummaryConfig)
     compare: bool = True  # run the compare stage at the end of a sweep
+    stop_after: StageName = StageName.report  # run the stages up to this one (upstream ones are reused)
     train: dict[str, Any] = field(default_factory=dict)  # options of the demo training
 
 

@@ -61,10 +61,16 @@ def run_pipeline(cfg: DictConfig, *, sweep_run_id: str | None = None) -> dict[st
             )
             return out, key
 
+        order = ("checkpoint", "directions", "evaluate", "aggregate", "report")
+        last = order.index(c["stop_after"])
         ck, _ = stage("checkpoint", checkpoint, ck_inputs, ("model", "checkpoint"))
+        if last == 0:
+            return {"run_id": parent, "checkpoint": str(ck.path), "summary": {}, "plots": []}
         # downstream stages depend on the checkpoint's content, not on where it was read from
         ck_key = tracking.stage_key("checkpoint", {"sha256": ck.sha256, "model": c["model"]}, (), version)
         dr, dr_key = _directions_stage(stage, c, ck, towards, stores, ck_key, version)
+        if last == 1:
+            return {"run_id": parent, "directions": str(dr.path), "summary": {}, "plots": []}
         ev_sections = ("model", "data", "metrics", "grid")
         ev_key = tracking.stage_key("evaluate", {s: c[s] for s in ev_sections} | {"model_mode": c["compute"]["model_mode"]}, (ck_key, dr_key), version)
         ev_inputs = EvaluateInputs(
@@ -72,9 +78,11 @@ def run_pipeline(cfg: DictConfig, *, sweep_run_id: str | None = None) -> dict[st
             fingerprint=ev_key, provenance=_provenance(c, ck, dr),
         )
         ev, ev_key = stage("evaluate", evaluate, ev_inputs, ev_sections + ("compute",), (ck_key, dr_key))
+        if last == 2:
+            return {"run_id": parent, "store": str(ev.store), "summary": {}, "plots": []}
         ag, ag_key = stage("aggregate", aggregate, AggregateInputs(ev.store), ("summary",), (ev_key,))
         plots: tuple[Path, ...] = ()
-        if c["plot"]["enabled"]:
+        if c["plot"]["enabled"] and last == 4:
             rp, _ = stage("report", report, ReportInputs(ev.store, out_dir), ("plot",), (ag_key,))
             plots = rp.plots
         mlflow.set_tags({

@@ -27,6 +27,9 @@ register_configs()
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> dict[str, Any]:
     result = run_pipeline(cfg, sweep_run_id=sweep_run_id())
+    if not result["summary"]:
+        print(f"stopped after {cfg.stop_after.value}: {result}")
+        return result
     s = result["summary"]
     print(f"landscape: {result['store']}  loss(θ0)={s.get('loss_at_theta0', float('nan')):.4g}  "
           f"min={s.get('loss_min', float('nan')):.4g}  MLflow run {result['run_id']}")

@@ -191,13 +191,32 @@ def train_demo(
 
 
 def main() -> None:
-    """Train with the defaults into ``./outputs/train-demo`` and print the result."""
-    result = train_demo(Path.cwd() / "outputs" / "train-demo")
-    print(
-        f"run {result.run_id}: accuracy {result.final_accuracy:.4f}, loss {result.final_loss:.4f}"
-    )
-    for path in result.checkpoints:
-        print(f"  {path}")
+    """``python -m pipelines.train [train.epochs=50 ...]``: train the demo model into ``paths.demo_dir``.
+
+    Uses the pipeline's config (``conf/config.yaml``), so the tracking store, experiment and
+    checkpoint folder are the ones ``python -m pipelines.run`` reads.
+    """
+    import os
+
+    import hydra
+    from omegaconf import DictConfig
+
+    from pipelines.config import register_configs
+    from pipelines.pipeline import PROJECT_ROOT, demo_train_config, resolve
+
+    os.environ.setdefault("LANDSCAPES_ROOT", str(PROJECT_ROOT))
+    register_configs()
+
+    @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+    def _train(cfg: DictConfig) -> None:
+        c = resolve(cfg)
+        uri = tracking.configure(c["tracking"]["uri"])
+        result = train(demo_train_config(c, uri))
+        print(f"training run {result.run_id}: accuracy {result.final_accuracy:.4f}, loss {result.final_loss:.4f}")
+        for path in result.checkpoints:
+            print(f"  {path}")
+
+    _train()
 
 
 def _validate(cfg: TrainConfig) -> None:

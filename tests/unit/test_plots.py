@@ -30,16 +30,15 @@ def _quadratic(scale: float = 1.0, x: np.ndarray = X, y: np.ndarray = Y) -> xr.D
     acc = 1.0 / (1.0 + loss)
     return xr.Dataset(
         {"loss": (("x", "y"), loss), "accuracy": (("x", "y"), acc)},
-        coords={"x": x, "y": y}, attrs={"name": f"quadratic x{scale}"},
+        coords={"x": x, "y": y},
+        attrs={"name": f"quadratic x{scale}"},
     )
 
 
 def _line(scale: float = 1.0) -> xr.Dataset:
     loss = scale * (X - 0.2) ** 2 + 0.05
     loss[-1] = np.inf  # diverged point: drawn as a gap
-    return xr.Dataset(
-        {"loss": ("x", loss), "accuracy": ("x", 1.0 / (1.0 + loss))}, coords={"x": X}
-    )
+    return xr.Dataset({"loss": ("x", loss), "accuracy": ("x", 1.0 / (1.0 + loss))}, coords={"x": X})
 
 
 def _png(path: Path) -> tuple[int, int, dict[str, str]]:
@@ -120,7 +119,10 @@ def test_render_all_2d_from_store(tmp_path):
     store.write_tile((0, 0), {m: ds[m].values for m in ("loss", "accuracy")})
     paths = plots.render_all(store, tmp_path / "out", metrics=["loss"])
     assert [p.name for p in paths] == [
-        "loss_contour.png", "loss_contour_filled.png", "loss_surface.png", "loss.html"
+        "loss_contour.png",
+        "loss_contour_filled.png",
+        "loss_surface.png",
+        "loss.html",
     ]
     assert _png(paths[0])[:2] == (600, 500)
     assert _png(paths[2])[:2] == (700, 550)
@@ -130,7 +132,10 @@ def test_render_all_2d_from_store(tmp_path):
 def test_render_all_1d(tmp_path):
     paths = plots.render_all(_line(), tmp_path, log=True)
     assert [p.name for p in paths] == [
-        "loss_curve_log.png", "loss_log.html", "accuracy_curve_log.png", "accuracy_log.html",
+        "loss_curve_log.png",
+        "loss_log.html",
+        "accuracy_curve_log.png",
+        "accuracy_log.html",
         "curves_log.png",
     ]
     for p in paths:
@@ -153,7 +158,9 @@ def test_comparison_shared_scale_2d(tmp_path):
     a, b, c = _quadratic(1.0), _quadratic(3.0), _quadratic(2.0, x=axis(-2.0, 2.0, 11))
     paths = plots.plot_comparison([a, b, c], ["a", "b", "c"], "loss", out_dir=tmp_path)
     assert [p.name for p in paths] == [
-        "loss_comparison.png", "loss_difference.png", "loss_comparison.html"
+        "loss_comparison.png",
+        "loss_difference.png",
+        "loss_comparison.html",
     ]
     lo = min(np.nanmin(d["loss"].values) for d in (a, b, c))
     hi = max(np.nanmax(d["loss"].values) for d in (a, b, c))
@@ -191,7 +198,8 @@ def test_comparison_log_and_1d(tmp_path):
 def test_no_global_matplotlib_state(tmp_path):
     backend = dict.__getitem__(matplotlib.rcParams, "backend")
     had_pyplot = "matplotlib.pyplot" in sys.modules
-    plots.render_all(_line(), tmp_path)
+    for fig in (plots.plot_surface(_quadratic()), plots.plot_curve(_line())):
+        fig.savefig(tmp_path / "f.png")
     assert dict.__getitem__(matplotlib.rcParams, "backend") == backend
     assert ("matplotlib.pyplot" in sys.modules) == had_pyplot
 
@@ -199,25 +207,47 @@ def test_no_global_matplotlib_state(tmp_path):
 @pytest.mark.parametrize(
     ("call", "match"),
     [
-        pytest.param(lambda p: plots.plot_contour(_line()), r"needs a 2-D landscape",
-                     id="contour-1d"),
-        pytest.param(lambda p: plots.plot_surface(_quadratic(), "lossy"),
-                     r"metric='lossy' is not in the dataset; choose one of", id="unknown-metric"),
-        pytest.param(lambda p: plots.plot_curve(_quadratic()), r"needs a 1-D landscape",
-                     id="curve-2d"),
-        pytest.param(lambda p: plots.plot_html(_line(), path=p / "x.html", include_plotlyjs="cdn"),
-                     r"include_plotlyjs='cdn' needs network access", id="html-cdn"),
-        pytest.param(lambda p: plots.plot_contour(_quadratic() * np.nan),
-                     r"no finite values, so there is nothing to plot", id="all-nan"),
-        pytest.param(lambda p: plots.plot_contour(-_quadratic(), log=True),
-                     r"no positive values.*pass log=False", id="log-nonpositive"),
-        pytest.param(lambda p: plots.plot_comparison([_quadratic()], ["a", "b"], out_dir=p),
-                     r"1 datasets and 2 labels", id="labels-count"),
-        pytest.param(lambda p: plots.plot_comparison([_quadratic(), _line()], ["a", "b"],
-                                                     out_dir=p),
-                     r"all 1-D or all 2-D", id="mixed-dims"),
-        pytest.param(lambda p: plots.render_all(object(), p),
-                     r"cannot plot a object; pass an xarray.Dataset", id="not-a-dataset"),
+        pytest.param(
+            lambda p: plots.plot_contour(_line()), r"needs a 2-D landscape", id="contour-1d"
+        ),
+        pytest.param(
+            lambda p: plots.plot_surface(_quadratic(), "lossy"),
+            r"metric='lossy' is not in the dataset; choose one of",
+            id="unknown-metric",
+        ),
+        pytest.param(
+            lambda p: plots.plot_curve(_quadratic()), r"needs a 1-D landscape", id="curve-2d"
+        ),
+        pytest.param(
+            lambda p: plots.plot_html(_line(), path=p / "x.html", include_plotlyjs="cdn"),
+            r"include_plotlyjs='cdn' needs network access",
+            id="html-cdn",
+        ),
+        pytest.param(
+            lambda p: plots.plot_contour(_quadratic() * np.nan),
+            r"no finite values, so there is nothing to plot",
+            id="all-nan",
+        ),
+        pytest.param(
+            lambda p: plots.plot_contour(-_quadratic(), log=True),
+            r"no positive values.*pass log=False",
+            id="log-nonpositive",
+        ),
+        pytest.param(
+            lambda p: plots.plot_comparison([_quadratic()], ["a", "b"], out_dir=p),
+            r"1 datasets and 2 labels",
+            id="labels-count",
+        ),
+        pytest.param(
+            lambda p: plots.plot_comparison([_quadratic(), _line()], ["a", "b"], out_dir=p),
+            r"all 1-D or all 2-D",
+            id="mixed-dims",
+        ),
+        pytest.param(
+            lambda p: plots.render_all(object(), p),
+            r"cannot plot a object; pass an xarray.Dataset",
+            id="not-a-dataset",
+        ),
     ],
 )
 def test_bad_inputs(tmp_path, call, match):

@@ -33,7 +33,10 @@ def _block(tile: Tile, offset: float) -> np.ndarray:
 @pytest.fixture
 def store2d(tmp_path):
     return LandscapeStore.create(
-        tmp_path / "plane.zarr", axes=[X, Y], metrics=METRICS, tile_shape=(2, 3),
+        tmp_path / "plane.zarr",
+        axes=[X, Y],
+        metrics=METRICS,
+        tile_shape=(2, 3),
         attrs={"checkpoint": "ckpt.pt", "seeds": [1, 2], "nested": {"lr": 0.1}},
     )
 
@@ -80,7 +83,13 @@ def test_write_reopen_read_done_mask(store2d):
     np.testing.assert_array_equal(reopened.done_mask(), mask)
     # (2,2) has values but is not done: completion is never inferred from data
     assert [t.index for t in reopened.missing_tiles()] == [
-        (0, 1), (0, 2), (1, 0), (1, 2), (2, 0), (2, 1), (2, 2)
+        (0, 1),
+        (0, 2),
+        (1, 0),
+        (1, 2),
+        (2, 0),
+        (2, 1),
+        (2, 2),
     ]
     assert not reopened.is_complete()
 
@@ -171,12 +180,12 @@ def test_pickle_reopens(store2d):
 
 def test_concurrent_processes_write_disjoint_tiles(tmp_path):
     store = LandscapeStore.create(
-        tmp_path / "par", axes=[axis(-1, 1, 24), axis(-1, 1, 20)], metrics=METRICS,
+        tmp_path / "par",
+        axes=[axis(-1, 1, 24), axis(-1, 1, 20)],
+        metrics=METRICS,
         tile_shape=(3, 4),
     )
-    tasks = [
-        (t, {"loss": _block(t, 0.0), "accuracy": _block(t, 0.5)}) for t in store.tiles()
-    ]
+    tasks = [(t, {"loss": _block(t, 0.0), "accuracy": _block(t, 0.5)}) for t in store.tiles()]
     ctx = multiprocessing.get_context("spawn")
     with ctx.Pool(2) as pool:  # the bound method pickles the store as (path, mode)
         pool.starmap(store.write_tile, tasks, chunksize=1)
@@ -195,21 +204,45 @@ def _other_tiling_tile(store):
 @pytest.mark.parametrize(
     ("tile", "values", "match"),
     [
-        pytest.param((0, 0), {"loss": np.zeros((2, 3)), "acc": np.zeros((2, 3))},
-                     r"unknown: \['acc'\], missing: \['accuracy'\]", id="wrong-metric-name"),
-        pytest.param((0, 0), {"loss": np.zeros((2, 3))}, r"missing: \['accuracy'\]",
-                     id="missing-metric"),
-        pytest.param((0, 0), {"loss": np.zeros((3, 2)), "accuracy": np.zeros((2, 3))},
-                     r"'loss' block has shape \(3, 2\), tile \(0, 0\) needs \(2, 3\)",
-                     id="wrong-block-shape"),
-        pytest.param((2, 2), {"loss": np.zeros((2, 3)), "accuracy": np.zeros((2, 3))},
-                     r"needs \(1, 1\)", id="edge-tile-shape"),
-        pytest.param((3, 0), {"loss": np.zeros((2, 3)), "accuracy": np.zeros((2, 3))},
-                     r"outside the tile grid \(3, 3\)", id="index-out-of-range"),
-        pytest.param("other", {"loss": np.zeros((1, 3)), "accuracy": np.zeros((1, 3))},
-                     r"take tiles from store.tiles\(\)", id="tile-of-other-tiling"),
-        pytest.param((0, 0), {"loss": np.full((2, 3), "a"), "accuracy": np.zeros((2, 3))},
-                     r"dtype <U1; pass real numbers", id="non-numeric"),
+        pytest.param(
+            (0, 0),
+            {"loss": np.zeros((2, 3)), "acc": np.zeros((2, 3))},
+            r"unknown: \['acc'\], missing: \['accuracy'\]",
+            id="wrong-metric-name",
+        ),
+        pytest.param(
+            (0, 0), {"loss": np.zeros((2, 3))}, r"missing: \['accuracy'\]", id="missing-metric"
+        ),
+        pytest.param(
+            (0, 0),
+            {"loss": np.zeros((3, 2)), "accuracy": np.zeros((2, 3))},
+            r"'loss' block has shape \(3, 2\), tile \(0, 0\) needs \(2, 3\)",
+            id="wrong-block-shape",
+        ),
+        pytest.param(
+            (2, 2),
+            {"loss": np.zeros((2, 3)), "accuracy": np.zeros((2, 3))},
+            r"needs \(1, 1\)",
+            id="edge-tile-shape",
+        ),
+        pytest.param(
+            (3, 0),
+            {"loss": np.zeros((2, 3)), "accuracy": np.zeros((2, 3))},
+            r"outside the tile grid \(3, 3\)",
+            id="index-out-of-range",
+        ),
+        pytest.param(
+            "other",
+            {"loss": np.zeros((1, 3)), "accuracy": np.zeros((1, 3))},
+            r"take tiles from store.tiles\(\)",
+            id="tile-of-other-tiling",
+        ),
+        pytest.param(
+            (0, 0),
+            {"loss": np.full((2, 3), "a"), "accuracy": np.zeros((2, 3))},
+            r"dtype <U1; pass real numbers",
+            id="non-numeric",
+        ),
     ],
 )
 def test_write_tile_errors(store2d, tile, values, match):
@@ -273,16 +306,26 @@ def test_create_refuses_to_clobber(tmp_path, store2d):
         pytest.param({"metrics": ["done"]}, r"collide", id="metric-named-done"),
         pytest.param({"metrics": []}, r"at least one metric", id="no-metrics"),
         pytest.param({"metrics": ["a/b"]}, r"'a/b' is not a valid name", id="bad-name"),
-        pytest.param({"dims": ("a",)}, r"dims=\('a',\) does not fit a grid with 2 axes",
-                     id="dims-length"),
+        pytest.param(
+            {"dims": ("a",)}, r"dims=\('a',\) does not fit a grid with 2 axes", id="dims-length"
+        ),
         pytest.param({"tile_shape": (2,)}, r"tile_shape=\(2,\) does not fit", id="tile-shape"),
-        pytest.param({"directions": np.zeros((3, 10), np.float32)},
-                     r"shape \(3, 10\); expected \(k, n\) with k=2", id="directions-k"),
-        pytest.param({"directions": np.zeros((2, 10), np.int64)}, r"dtype int64",
-                     id="directions-dtype"),
-        pytest.param({"attrs": {"obj": object()}}, r"attrs\['obj'\]=.* not JSON-serializable",
-                     id="attrs-not-json"),
-        pytest.param({"attrs": {"metrics": "x"}}, r"\['metrics'\] are reserved", id="attrs-reserved"),
+        pytest.param(
+            {"directions": np.zeros((3, 10), np.float32)},
+            r"shape \(3, 10\); expected \(k, n\) with k=2",
+            id="directions-k",
+        ),
+        pytest.param(
+            {"directions": np.zeros((2, 10), np.int64)}, r"dtype int64", id="directions-dtype"
+        ),
+        pytest.param(
+            {"attrs": {"obj": object()}},
+            r"attrs\['obj'\]=.* not JSON-serializable",
+            id="attrs-not-json",
+        ),
+        pytest.param(
+            {"attrs": {"metrics": "x"}}, r"\['metrics'\] are reserved", id="attrs-reserved"
+        ),
         pytest.param({"attrs": {"v": float("nan")}}, r"NaN or inf", id="attrs-nan"),
     ],
 )

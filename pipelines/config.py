@@ -148,6 +148,17 @@ class SummaryConfig:
 
 
 @dataclass
+class TrainOptions:
+    """Options of the demo training (``python -m pipelines.train train.epochs=50``)."""
+
+    epochs: int = 30
+    checkpoint_every: int = 10
+    seed: int = 0
+    lr: float = 0.05
+    batch_size: int = 64
+
+
+@dataclass
 class PipelineConfig:
     paths: PathsConfig = field(default_factory=PathsConfig)
     model: dict[str, Any] = field(default_factory=dict)  # _target_ of the model class + kwargs
@@ -162,7 +173,7 @@ class PipelineConfig:
     summary: SummaryConfig = field(default_factory=SummaryConfig)
     compare: bool = True  # run the compare stage at the end of a sweep
     stop_after: StageName = StageName.report  # run the stages up to this one (upstream ones are reused)
-    train: dict[str, Any] = field(default_factory=dict)  # options of the demo training
+    train: TrainOptions = field(default_factory=TrainOptions)
 
 
 def register_configs() -> None:

@@ -126,7 +126,7 @@ def _key_inputs(inputs: Any) -> dict[str, Any]:
 
 def _headline_params(c: dict[str, Any]) -> dict[str, Any]:
     return {
-        "model": c["model"].get("_target_"), "checkpoint": c["checkpoint"]["path"] or "demo (latest)",
+        "model": c["model"].get("_target_"), "checkpoint.path": c["checkpoint"]["path"] or "demo (latest)",
         "directions": c["directions"], "grid": c["grid"], "data": {"name": c["data"]["name"], "limit": c["data"]["limit"],
         "batch_size": c["data"]["batch_size"]}, "compute": {k: c["compute"][k] for k in ("device", "strategy", "model_mode", "backend")},
     }

@@ -86,6 +86,8 @@ def train(cfg: TrainConfig | Mapping[str, Any]) -> TrainResult:
     out_dir = Path(cfg.out_dir).expanduser().absolute()
     ckpt_dir = out_dir / "checkpoints"
     ckpt_dir.mkdir(parents=True, exist_ok=True)
+    for stale in ckpt_dir.glob("epoch_*.pt"):  # a new training replaces the previous one's checkpoints
+        stale.unlink()
 
     x, y = load_digits_tensors()
     generator = torch.Generator().manual_seed(cfg.seed)

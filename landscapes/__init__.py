@@ -3,8 +3,20 @@
 The library is pure torch/numpy; the Hydra + MLflow pipeline lives in ``pipelines/``.
 """
 
-from landscapes.compat import linear_interpolation, planar_interpolation, point, random_line, random_plane
-from landscapes.directions import cosine, direction_between, normalize_direction, orthogonalize, random_direction
+from landscapes.compat import (
+    linear_interpolation,
+    planar_interpolation,
+    point,
+    random_line,
+    random_plane,
+)
+from landscapes.directions import (
+    cosine,
+    direction_between,
+    normalize_direction,
+    orthogonalize,
+    random_direction,
+)
 from landscapes.errors import (
     CheckpointError,
     CheckpointNotFoundError,

@@ -13,7 +13,6 @@ Every strategy shares each data batch across the tile's points, and computes eve
 from __future__ import annotations
 
 import contextlib
-import math
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -25,11 +24,16 @@ from torch import nn
 
 from landscapes import batched
 from landscapes._checks import check_choice, check_positive_int
-from landscapes.errors import ConfigurationError, EvaluationError, FallbackWarning, ShapeMismatchError
+from landscapes.errors import (
+    ConfigurationError,
+    EvaluationError,
+    FallbackWarning,
+    ShapeMismatchError,
+)
 from landscapes.grid import Grid, Tile, tile_shape_for
 from landscapes.landscape import Landscape
 from landscapes.metrics import DatasetMetric, Metric, _to, flatten_metrics, metric_names
-from landscapes.params import NORM_LAYERS, ParameterSpace
+from landscapes.params import ParameterSpace
 from landscapes.wrappers import ModelWrapper, SimpleModelWrapper, wrap_model
 
 __all__ = ["Evaluator", "evaluate", "evaluate_tile", "Strategy", "ModelMode"]

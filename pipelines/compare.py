@@ -12,7 +12,6 @@ import csv
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import mlflow
 from mlflow.entities import Run

@@ -9,54 +9,54 @@ Hydra composes the config. Field names equal the library keywords they feed; cho
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 
-class Normalization(str, Enum):
+class Normalization(StrEnum):
     filter = "filter"
     layer = "layer"
     model = "model"
     none = "none"
 
 
-class Ignore(str, Enum):
+class Ignore(StrEnum):
     biasbn = "biasbn"
     none = "none"
 
 
-class DirectionKind(str, Enum):
+class DirectionKind(StrEnum):
     random = "random"  # seeded Gaussian, normalized
     checkpoints = "checkpoints"  # towards other checkpoints: θᵢ − θ0
 
 
-class Device(str, Enum):
+class Device(StrEnum):
     auto = "auto"
     cpu = "cpu"
     cuda = "cuda"
 
 
-class Strategy(str, Enum):
+class Strategy(StrEnum):
     auto = "auto"
     loop = "loop"
     vmap = "vmap"
     batched = "batched"
 
 
-class ModelMode(str, Enum):
+class ModelMode(StrEnum):
     eval = "eval"
     train = "train"
 
 
-class Backend(str, Enum):
+class Backend(StrEnum):
     local = "local"
     dask = "dask"
 
 
-class StageName(str, Enum):
+class StageName(StrEnum):
     checkpoint = "checkpoint"
     directions = "directions"
     evaluate = "evaluate"

@@ -14,11 +14,11 @@ from omegaconf import DictConfig, OmegaConf
 import landscapes
 from landscapes.errors import CheckpointNotFoundError, ConfigurationError
 from pipelines import tracking
-from pipelines.stages.aggregate import AggregateInputs, AggregateOutputs, aggregate
+from pipelines.stages.aggregate import AggregateInputs, aggregate
 from pipelines.stages.checkpoint import CheckpointInputs, CheckpointOutputs, checkpoint
 from pipelines.stages.directions import DirectionsInputs, DirectionsOutputs, directions
 from pipelines.stages.evaluate import EvaluateInputs, EvaluateOutputs, evaluate
-from pipelines.stages.report import ReportInputs, ReportOutputs, report
+from pipelines.stages.report import ReportInputs, report
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 SWEEP_RUN_FILE = "sweep_run_id"

@@ -31,6 +31,6 @@ def landscape_reference(model: nn.Module, loss_fn, x, y, directions, axes) -> np
         for idx in np.ndindex(*shape):
             coords = [float(axes[k][i]) for k, i in enumerate(idx)]
             for name, p in ref.named_parameters():
-                p.copy_(theta0[name] + sum(c * d[name] for c, d in zip(coords, dirs)))
+                p.copy_(theta0[name] + sum(c * d[name] for c, d in zip(coords, dirs, strict=False)))
             out[idx] = float(loss_fn(ref(x), y))
     return out

@@ -44,7 +44,16 @@ def load_model(model_cfg: Mapping[str, Any], checkpoint: Path, *, trust_pickle: 
     return model.eval()
 
 
+def check_data_config(data_cfg: Mapping[str, Any]) -> None:
+    """Refuse bad ``data.limit`` / ``data.batch_size`` before anything is computed."""
+    for key in ("limit", "batch_size"):
+        value = data_cfg.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ConfigurationError(f"data.{key}={value!r}: give a positive integer or null.")
+
+
 def build_dataset(data_cfg: Mapping[str, Any]) -> Dataset:
+    check_data_config(data_cfg)
     dataset_cfg = data_cfg.get("dataset") or {}
     if "_target_" not in dataset_cfg:
         raise ConfigurationError(
@@ -53,8 +62,6 @@ def build_dataset(data_cfg: Mapping[str, Any]) -> Dataset:
     dataset = instantiate(dict(dataset_cfg))
     limit = data_cfg.get("limit")
     if limit is not None:
-        if limit < 1:
-            raise ConfigurationError(f"data.limit={limit}: give a positive number of samples or null.")
         dataset = Subset(dataset, range(min(int(limit), len(dataset))))
     if len(dataset) == 0:
         raise ConfigurationError("data: the dataset is empty; check data.dataset and data.limit.")
@@ -71,8 +78,6 @@ def build_data(data_cfg: Mapping[str, Any]) -> tuple[Any, Any]:
             return x, y
         x, y = next(iter(DataLoader(dataset, batch_size=len(dataset), shuffle=False)))
         return x, y
-    if batch_size < 1:
-        raise ConfigurationError(f"data.batch_size={batch_size}: give a positive integer or null.")
     return DataLoader(dataset, batch_size=int(batch_size), shuffle=False), None
 
 
@@ -111,16 +116,21 @@ def grid_axes(grid_cfg: Mapping[str, Any]) -> list[np.ndarray]:
         )
     axes = []
     for i, (n, r) in enumerate(zip(steps, ranges, strict=True)):
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        if isinstance(n, bool) or not isinstance(n, int):
+            raise ConfigurationError(f"grid.steps={n!r} (axis {i}): expected an integer; set grid.steps to a positive integer.")
+        if n < 1:
             raise ConfigurationError(
                 f"grid.steps={n!r} (axis {i}): an axis needs at least one point; set grid.steps to a positive integer."
             )
         if len(r) != 2:
             raise ConfigurationError(f"grid.range={r} (axis {i}): give [low, high].")
         try:
-            axes.append(L.axis(float(r[0]), float(r[1]), n))
-        except ConfigurationError as err:
-            raise ConfigurationError(f"grid.range={r} (axis {i}): {err}; set finite numbers.") from err
+            lo, hi = float(r[0]), float(r[1])
+        except (TypeError, ValueError) as err:
+            raise ConfigurationError(f"grid.range={r} (axis {i}): give two numbers [low, high].") from err
+        if not (np.isfinite(lo) and np.isfinite(hi)):
+            raise ConfigurationError(f"grid.range={r} (axis {i}) is not finite; set finite numbers [low, high].")
+        axes.append(L.axis(lo, hi, n))
     return axes
 
 

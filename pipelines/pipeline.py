@@ -13,7 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import landscapes
 from landscapes.errors import CheckpointNotFoundError, ConfigurationError
-from pipelines import tracking
+from pipelines import builders, tracking
 from pipelines.stages.aggregate import AggregateInputs, aggregate
 from pipelines.stages.checkpoint import CheckpointInputs, CheckpointOutputs, checkpoint
 from pipelines.stages.directions import DirectionsInputs, DirectionsOutputs, directions
@@ -32,13 +32,17 @@ def resolve(cfg: DictConfig) -> dict[str, Any]:
 def run_pipeline(cfg: DictConfig, *, sweep_run_id: str | None = None) -> dict[str, Any]:
     """Run checkpoint → directions → evaluate → aggregate → report; return the summary."""
     c = resolve(cfg)
+    check_config(c)  # before any run is opened or anything computed
     uri = tracking.configure(c["tracking"]["uri"])
     tracking.ensure_store(uri)
     exp_id = tracking.get_or_create_experiment(
         c["tracking"]["experiment"], artifact_root=tracking.default_artifact_root(uri, Path(c["paths"]["artifacts_dir"]))
     )
     ck_inputs = _checkpoint_inputs(c, uri)
-    towards = tuple(_checkpoint_inputs(c, uri, source=t).path for t in c["directions"].get("towards") or [])
+    towards = tuple(
+        _checkpoint_inputs(c, uri, source=t, key=f"directions.towards[{i}]").path
+        for i, t in enumerate(c["directions"].get("towards") or [])
+    )
     stores = Path(c["paths"]["root_dir"]) / "outputs" / "stores"
     out_dir = Path(c["paths"]["output_dir"])
     version = landscapes.__version__
@@ -55,10 +59,14 @@ def run_pipeline(cfg: DictConfig, *, sweep_run_id: str | None = None) -> dict[st
 
         def stage(stage_name, fn, inputs, sections, upstream=()):
             key = tracking.stage_key(stage_name, {s: c[s] for s in sections} | {"inputs": _key_inputs(inputs)}, upstream, version)
-            out = tracking.run_stage(
-                stage_name, fn, c, inputs, parent_run_id=parent, experiment_id=exp_id, key=key,
-                params={s: c[s] for s in sections}, reuse=reuse,
-            )
+            try:
+                out = tracking.run_stage(
+                    stage_name, fn, c, inputs, parent_run_id=parent, experiment_id=exp_id, key=key,
+                    params={s: c[s] for s in sections}, reuse=reuse,
+                )
+            except Exception as err:
+                err.add_note(f"in the {stage_name!r} stage of the pipeline (finished stages are kept and reused on re-run)")
+                raise
             return out, key
 
         order = ("checkpoint", "directions", "evaluate", "aggregate", "report")
@@ -96,6 +104,20 @@ def run_pipeline(cfg: DictConfig, *, sweep_run_id: str | None = None) -> dict[st
             if p.suffix == ".png":
                 mlflow.log_artifact(str(p), artifact_path="plots")
     return {"run_id": parent, "store": str(ev.store), "summary": ag.summary, "plots": [str(p) for p in plots]}
+
+
+def check_config(c: dict[str, Any]) -> None:
+    """Refuse config mistakes before any stage runs (the grid, data, device, directions)."""
+    axes = builders.grid_axes(c["grid"])
+    builders.check_data_config(c["data"])
+    builders.as_device(c["compute"]["device"])
+    d = c["directions"]
+    if d["kind"] == "checkpoints" and len(d.get("towards") or []) != len(axes):
+        n = len(axes)
+        raise ConfigurationError(
+            f"directions.towards has {len(d.get('towards') or [])} checkpoint(s) but grid.dims={n}; give {n} "
+            f"checkpoint(s) to move towards (directions.towards=[a.pt{', b.pt' if n == 2 else ''}])."
+        )
 
 
 def _directions_stage(stage, c, ck, towards, stores, ck_key, version):
@@ -142,20 +164,21 @@ def _provenance(c: dict[str, Any], ck: CheckpointOutputs, dr: DirectionsOutputs)
     }
 
 
-def _checkpoint_inputs(c: dict[str, Any], uri: str, source: str | None = None) -> CheckpointInputs:
+def _checkpoint_inputs(c: dict[str, Any], uri: str, source: str | None = None, key: str = "checkpoint.path") -> CheckpointInputs:
     """A local file for the configured checkpoint: a path, an MLflow URI, or the demo's latest."""
     source = source if source is not None else c["checkpoint"]["path"]
     if source is None:
         return _demo_checkpoint(c, uri)
     if source.startswith(("runs:/", "models:/", "mlflow-artifacts:/")):
-        return _download(source)
+        return _download(source, key)
     path = Path(source).expanduser()
     if not path.is_absolute():
         path = Path(c["paths"]["root_dir"]) / path
     if not path.exists():
+        demo = ", or leave checkpoint.path=null for the demo model" if key == "checkpoint.path" else ""
         raise CheckpointNotFoundError(
-            f"checkpoint.path={source!r}: no such file ({path}); give a .pt/.pth/.safetensors/.ckpt "
-            "file, an MLflow runs:/ or models:/ URI, or leave checkpoint.path=null for the demo model."
+            f"{key}={source!r}: no such file ({path}); give a .pt/.pth/.safetensors/.ckpt "
+            f"file or an MLflow runs:/ or models:/ URI{demo}."
         )
     return CheckpointInputs(path=path.resolve(), source=str(source), training_run_id=_training_run_of(path))
 
@@ -165,19 +188,19 @@ def _training_run_of(path: Path) -> str | None:
     return marker.read_text().strip() if marker.exists() else None
 
 
-def _download(uri: str) -> CheckpointInputs:
+def _download(uri: str, key: str = "checkpoint.path") -> CheckpointInputs:
     try:
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
     except Exception as err:
         raise CheckpointNotFoundError(
-            f"checkpoint.path={uri!r}: MLflow cannot download it ({type(err).__name__}: {str(err).splitlines()[0]}); "
+            f"{key}={uri!r}: MLflow cannot download it ({type(err).__name__}: {str(err).splitlines()[0]}); "
             "check the run id / model name and the tracking URI."
         ) from err
     if local.is_dir():
         files = [p for p in local.rglob("*") if p.suffix in (".pt", ".pth", ".bin", ".safetensors", ".ckpt")]
         if len(files) != 1:
             raise ConfigurationError(
-                f"checkpoint.path={uri!r} is a folder with {len(files)} checkpoint files; point at one file."
+                f"{key}={uri!r} is a folder with {len(files)} checkpoint files; point at one file."
             )
         local = files[0]
     run_id = uri.split("/")[1] if uri.startswith("runs:/") else None

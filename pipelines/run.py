@@ -5,7 +5,7 @@ Examples::
     python -m pipelines.run                                   # demo model, 21x21 random plane
     python -m pipelines.run grid.steps=41 directions.seed=3
     python -m pipelines.run -m checkpoint.path=a.pt,b.pt,c.pt  # a sweep, then the comparison
-    python -m pipelines.run +experiment=1d_interpolation checkpoint.path=a.pt directions.towards=[b.pt]
+    python -m pipelines.run experiment=1d_interpolation checkpoint.path=a.pt directions.towards=[b.pt]
 """
 
 from __future__ import annotations

@@ -1,0 +1,105 @@
+"""A two-checkpoint sweep through the real CLI, and the compare CLI on its runs.
+
+``python -m pipelines.run -m ...`` runs in a subprocess (Hydra's multirun, the sweep callback
+and the compare stage only exist there) against a private copy of the demo project.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import mlflow
+import pytest
+from mlflow.entities import Run
+
+from tests.integration.conftest import Project
+
+pytestmark = pytest.mark.slow
+
+STAGES = ["aggregate", "checkpoint", "directions", "evaluate", "report"]
+
+
+def summary_rows(project: Project, run: Run, dest: Path) -> list[dict[str, str]]:
+    local = mlflow.artifacts.download_artifacts(
+        run_id=run.info.run_id, artifact_path="summary.csv", dst_path=str(dest), tracking_uri=project.uri
+    )
+    with open(local, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+@pytest.fixture(scope="module")
+def sweep(module_project: Project) -> tuple[Project, Run, list[Run]]:
+    """The sweep over epochs 2 and 4: (project, sweep parent run, its pipeline runs)."""
+    project = module_project
+    a, b = project.checkpoint(2), project.checkpoint(4)
+    proc = project.cli("pipelines.run", "-m", "debug=default", f"checkpoint.path={a},{b}")
+    assert "compared 2 landscapes" in proc.stdout
+    sweeps = project.search("tags.`landscapes.kind` = 'sweep'")
+    assert len(sweeps) == 1
+    return project, sweeps[0], project.children(sweeps[0].info.run_id, "pipeline")
+
+
+def test_sweep_parent_and_pipeline_children(sweep) -> None:
+    project, parent, runs = sweep
+    assert parent.info.status == "FINISHED"
+    sweep_dir = Path(parent.data.tags["landscapes.sweep_dir"])
+    assert sweep_dir.is_relative_to(project.root / "outputs" / "sweeps")
+    assert (sweep_dir / "sweep_run_id").read_text().strip() == parent.info.run_id
+
+    assert len(runs) == 2
+    assert sorted(Path(r.data.tags["landscapes.checkpoint"]).name for r in runs) == ["epoch_002.pt", "epoch_004.pt"]
+    for run in runs:
+        assert run.info.status == "FINISHED"
+        assert run.data.tags["landscapes.training_run"] == project.train_run_id
+        stages = project.stages(run.info.run_id)
+        assert sorted(stages) == STAGES
+        assert all(s.info.status == "FINISHED" for s in stages.values())
+        assert Path(run.data.tags["landscapes.store"]).exists()
+    # different checkpoints: different landscapes
+    assert runs[0].data.tags["landscapes.store"] != runs[1].data.tags["landscapes.store"]
+    assert runs[0].data.metrics["loss_at_theta0"] != runs[1].data.metrics["loss_at_theta0"]
+
+
+def test_sweep_ends_with_compare_run(sweep, tmp_path: Path) -> None:
+    project, parent, runs = sweep
+    compares = project.children(parent.info.run_id, "compare")
+    assert len(compares) == 1
+    compare = compares[0]
+    assert compare.info.status == "FINISHED"
+    ids = {r.info.run_id for r in runs}
+    assert set(compare.data.tags["landscapes.compared_runs"].split(",")) == ids
+    assert compare.data.params["runs"] == "2"
+
+    files = project.artifacts(compare.info.run_id)
+    pngs = [f for f in files if f.endswith(".png")]
+    assert any(f.startswith("loss") and "comparison" in f for f in pngs), files
+    assert any(f.startswith("accuracy") and "comparison" in f for f in pngs), files
+    assert any("difference" in f for f in pngs), files  # same grid: difference maps
+    assert "summary.csv" in files and "summary.md" in files
+
+    rows = summary_rows(project, compare, tmp_path)
+    assert {row["run_id"] for row in rows} == ids
+    by_id = {r.info.run_id: r for r in runs}
+    for row in rows:
+        assert float(row["loss_at_theta0"]) == pytest.approx(by_id[row["run_id"]].data.metrics["loss_at_theta0"])
+    assert sorted(row["landscape"] for row in rows) == ["epoch_002", "epoch_004"]
+
+
+def test_compare_cli(sweep, tmp_path: Path) -> None:
+    project, parent, runs = sweep
+    ids = [r.info.run_id for r in runs]
+    before = {r.info.run_id for r in project.search("tags.`landscapes.kind` = 'compare'")}
+    out = tmp_path / "compare"
+    proc = project.cli("pipelines.compare", "--runs", *ids, "--tracking-uri", project.uri, "--out", str(out))
+    assert "compared 2 landscapes" in proc.stdout
+
+    new = [r for r in project.search("tags.`landscapes.kind` = 'compare'") if r.info.run_id not in before]
+    assert len(new) == 1
+    compare = new[0]
+    assert compare.info.status == "FINISHED"
+    assert "mlflow.parentRunId" not in compare.data.tags  # not part of the sweep
+    assert compare.data.tags["landscapes.compared_runs"] == ",".join(ids)
+    assert (out / "summary.csv").exists()
+    assert any(p.name.startswith("loss") and "comparison" in p.name for p in out.glob("*.png"))
+    assert {row["run_id"] for row in summary_rows(project, compare, tmp_path / "dl")} == set(ids)

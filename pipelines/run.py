@@ -24,7 +24,7 @@ os.environ.setdefault("LANDSCAPES_ROOT", str(PROJECT_ROOT))
 register_configs()
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+@hydra.main(version_base="1.3", config_path=str(PROJECT_ROOT / "conf"), config_name="config")
 def main(cfg: DictConfig) -> dict[str, Any]:
     result = run_pipeline(cfg, sweep_run_id=sweep_run_id())
     if not result["summary"]:
@@ -34,6 +34,14 @@ def main(cfg: DictConfig) -> dict[str, Any]:
     print(f"landscape: {result['store']}  loss(θ0)={s.get('loss_at_theta0', float('nan')):.4g}  "
           f"min={s.get('loss_min', float('nan')):.4g}  MLflow run {result['run_id']}")
     return result
+
+
+def stage_main(stage: str) -> None:
+    """``python -m pipelines.stages.<stage>``: the pipeline up to ``stage`` (earlier stages are reused)."""
+    import sys
+
+    sys.argv.append(f"stop_after={stage}")
+    main()
 
 
 if __name__ == "__main__":

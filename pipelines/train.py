@@ -209,7 +209,7 @@ def main() -> None:
     os.environ.setdefault("LANDSCAPES_ROOT", str(PROJECT_ROOT))
     register_configs()
 
-    @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+    @hydra.main(version_base="1.3", config_path=str(PROJECT_ROOT / "conf"), config_name="config")
     def _train(cfg: DictConfig) -> None:
         c = resolve(cfg)
         uri = tracking.configure(c["tracking"]["uri"])

@@ -75,3 +75,9 @@ def summarize(store: LandscapeStore, *, radius: float, flat_tolerance: float) ->
 
 def _finite(v: Any) -> bool:
     return not (isinstance(v, float) and not math.isfinite(v))
+
+
+if __name__ == "__main__":  # python -m pipelines.stages.aggregate [overrides]
+    from pipelines.run import stage_main
+
+    stage_main("aggregate")

@@ -44,3 +44,9 @@ def checkpoint(cfg: dict[str, Any], inputs: CheckpointInputs) -> CheckpointOutpu
         training_run_id=inputs.training_run_id,
         metrics={"parameter_count": float(count), "checkpoint_mb": ident["size_bytes"] / 2**20},
     )
+
+
+if __name__ == "__main__":  # python -m pipelines.stages.checkpoint [overrides]
+    from pipelines.run import stage_main
+
+    stage_main("checkpoint")

@@ -98,3 +98,9 @@ def load_directions(path: Path) -> tuple[np.ndarray, dict[str, Any]]:
             f"directions store {path} cannot be opened ({type(err).__name__}); re-run the directions stage."
         ) from err
     return np.asarray(arr[...]), dict(arr.attrs)
+
+
+if __name__ == "__main__":  # python -m pipelines.stages.directions [overrides]
+    from pipelines.run import stage_main
+
+    stage_main("directions")

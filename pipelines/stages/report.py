@@ -36,3 +36,9 @@ def report(cfg: dict[str, Any], inputs: ReportInputs) -> ReportOutputs:
         for p in out_dir.glob("*.html"):
             p.unlink()
     return ReportOutputs(plots=tuple(paths), artifacts=(out_dir,))
+
+
+if __name__ == "__main__":  # python -m pipelines.stages.report [overrides]
+    from pipelines.run import stage_main
+
+    stage_main("report")

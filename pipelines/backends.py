@@ -25,13 +25,16 @@ The dask backend (``compute.backend=dask``):
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
+import re
+import socket
 import sys
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Protocol
 
 from landscapes.errors import ConfigurationError, EvaluationError, ShapeMismatchError
@@ -261,6 +264,7 @@ class DaskBackend:
             "machine), correct the address (e.g. compute.scheduler=tcp://host:8786), or set "
             "compute.scheduler=null to start a local cluster of compute.workers processes"
         )
+        self._probe(fix)
         try:
             client = Client(self.scheduler, timeout=self.connect_timeout, set_as_default=False)
         except (OSError, TimeoutError, ValueError, TypeError) as err:
@@ -279,8 +283,35 @@ class DaskBackend:
             ) from err
         return client
 
+    def _probe(self, fix: str) -> None:
+        """Fail fast, before a Client exists: a malformed address, or no TCP listener there."""
+        from distributed.comm import parse_address
+        from distributed.comm.addressing import parse_host_port
+
+        try:
+            scheme, location = parse_address(str(self.scheduler))
+            host, port = parse_host_port(location) if scheme in ("tcp", "tls") else (None, None)
+        except (ValueError, TypeError) as err:
+            raise ConfigurationError(
+                f"compute.scheduler={self.scheduler!r} is not a dask scheduler address ({_describe(err)}); "
+                "give it as tcp://host:8786, or set compute.scheduler=null to start a local cluster."
+            ) from err
+        if host is None:
+            return  # another transport (ucx://, inproc://): let the Client try it
+        try:
+            socket.create_connection((host, port), timeout=self.connect_timeout).close()
+        except OSError as err:
+            raise ConfigurationError(
+                f"compute.scheduler={self.scheduler!r}: no dask scheduler answered within "
+                f"{self.connect_timeout:g} s ({_describe(err)}); {fix}."
+            ) from err
+
     def _local_cluster(self) -> Any:
-        kwargs: dict[str, Any] = {"threads_per_worker": self.threads_per_worker, "dashboard_address": None}
+        kwargs: dict[str, Any] = {
+            "threads_per_worker": self.threads_per_worker,
+            "dashboard_address": ":0",  # any free port: parallel jobs each start a cluster
+            "env": {"DASK_LOGGING__DISTRIBUTED": os.environ.get("DASK_LOGGING__DISTRIBUTED", "warning")},
+        }
         if self.device.startswith("cuda"):
             try:
                 from dask_cuda import LocalCUDACluster
@@ -313,6 +344,10 @@ class DaskBackend:
         tiles = list(tiles)
         if not tiles:
             return 0.0
+        with _quiet_distributed():
+            return self._run(evaluator, store, tiles, progress=progress, started=started)
+
+    def _run(self, evaluator: Evaluator, store: LandscapeStore, tiles: list[Tile], *, progress: bool, started: float) -> float:
         from distributed import as_completed
 
         client, cluster = self.connect()
@@ -320,31 +355,41 @@ class DaskBackend:
         plugin_name = f"landscapes-evaluator-{token}"
         failed: list[tuple[Tile, BaseException]] = []
         done = 0
-        bar = _bar(store, tiles, progress)
+        bar = None
+        timings = {"start_seconds": 0.0, "compute_seconds": 0.0}
         try:
             self._install(client, evaluator, plugin_name)
+            timings["start_seconds"] = time.perf_counter() - started
+            bar = _bar(store, tiles, progress)  # from here on: points/s and ETA of the tiles alone
             layout = (tuple(store.shape), tuple(store.tile_shape), tuple(store.metrics))
             keys = [f"tile-{token}-{'-'.join(str(i) for i in t.index)}" for t in tiles]
             futures = client.map(
                 evaluate_and_write_tile, [plugin_name] * len(tiles), [str(store.path)] * len(tiles),
                 [layout] * len(tiles), tiles, key=keys, retries=TILE_RETRIES,
             )
-            by_key = {f.key: t for f, t in zip(futures, tiles, strict=True)}
+            pending = dict(zip(futures, tiles, strict=True))
             del futures
-            for future in as_completed(list(_futures(client, by_key))):
-                tile = by_key[future.key]
-                if future.status == "finished":
-                    store.mark_done([tile])  # the driver alone writes the done mask
-                    done += 1
-                    bar.update(tile.size)
-                else:
-                    failed.append((tile, future.exception()))
-                    bar.set_postfix_str(f"{len(failed)} tile(s) failed", refresh=False)
-                future.release()
+            for batch in as_completed(list(pending), loop=client.loop).batches():  # what finished meanwhile
+                finished = []
+                for future in batch:
+                    tile = pending.pop(future)
+                    if future.status == "finished":
+                        finished.append(tile)
+                    else:
+                        failed.append((tile, _exception_of(future)))
+                        bar.set_postfix_str(f"{len(failed)} tile(s) failed", refresh=False)
+                    future.release()
+                store.mark_done(finished)  # the driver alone writes the done mask, once per batch
+                done += len(finished)
+                bar.update(sum(t.size for t in finished))
+            timings["compute_seconds"] = time.perf_counter() - started - timings["start_seconds"]
         finally:
-            bar.close()
+            if bar is not None:
+                bar.close()
             self.last_run = {"tiles_done": done, "tiles_failed": len(failed), "workers": _n_workers(client)}
+            closing = time.perf_counter()
             self._close(client, cluster, plugin_name)
+            self.last_run |= timings | {"close_seconds": time.perf_counter() - closing}
         if failed:
             raise EvaluationError(_failure_message(store, tiles, failed))
         return time.perf_counter() - started
@@ -369,15 +414,33 @@ class DaskBackend:
         except Exception as err:  # noqa: BLE001 - best effort; the plugin is only memory
             log.debug("could not unregister %s: %s", plugin_name, err)
         finally:
-            client.close()
-            if cluster is not None:
-                cluster.close()
+            try:
+                client.close()
+            finally:
+                if cluster is not None:
+                    cluster.close()
 
 
-def _futures(client: Any, by_key: dict[str, Tile]):
-    from distributed import Future
+@contextlib.contextmanager
+def _quiet_distributed() -> Iterator[None]:
+    """Keep dask's INFO chatter (workers starting, closing) out of the pipeline's log."""
+    import distributed  # noqa: F401 - importing it configures its loggers; adjust them after
 
-    return [Future(k, client) for k in by_key]
+    logger = logging.getLogger("distributed")
+    level = logger.level
+    if os.environ.get("DASK_LOGGING__DISTRIBUTED") is None and logger.getEffectiveLevel() < logging.WARNING:
+        logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _exception_of(future: Any) -> BaseException:
+    try:
+        return future.exception() or RuntimeError(f"task {future.key} ended {future.status}")
+    except BaseException as err:  # noqa: BLE001 - a cancelled future raises instead of returning
+        return err
 
 
 def _n_workers(client: Any) -> int:
@@ -395,6 +458,7 @@ def _layout_token(store: LandscapeStore) -> str:
 
 
 def _failure_message(store: LandscapeStore, tiles: Sequence[Tile], failed: list[tuple[Tile, BaseException]]) -> str:
+    failed = sorted(failed, key=lambda f: f[0].index)
     shown = failed[:10]
     lines = [f"  tile {t.index} ({_span(t)}): {_describe(e)}" for t, e in shown]
     if len(failed) > len(shown):
@@ -414,7 +478,12 @@ def _span(tile: Tile) -> str:
 
 def _describe(err: BaseException) -> str:
     text = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {text[0][:300]}" if text else type(err).__name__
+    if not text:
+        return type(err).__name__
+    wrapped = re.fullmatch(r"""(\w+)\((['"])(.*)\2\)""", text[0])  # dask's Exception('KeyError("...")')
+    if type(err) is Exception and wrapped:
+        return f"{wrapped[1]}: {wrapped[3][:300]}"
+    return f"{type(err).__name__}: {text[0][:300]}"
 
 
 def _bar(store: LandscapeStore, tiles: Sequence[Tile], enabled: bool):
@@ -455,6 +524,8 @@ def make_backend(compute_cfg: Mapping[str, Any]) -> Backend:
         return DaskBackend(
             workers=compute_cfg.get("workers", 2), threads_per_worker=compute_cfg.get("threads_per_worker", 1),
             scheduler=scheduler, device=device,
-            connect_timeout=float(os.environ.get("LANDSCAPES_DASK_CONNECT_TIMEOUT", CONNECT_TIMEOUT)),
+            connect_timeout=float(
+                compute_cfg.get("connect_timeout") or os.environ.get("LANDSCAPES_DASK_CONNECT_TIMEOUT") or CONNECT_TIMEOUT
+            ),
         )
     raise ConfigurationError(f"compute.backend={backend!r} is not a backend; choose local or dask.")

@@ -1,9 +1,20 @@
-"""Stage 3: evaluate the grid tile by tile into the landscape's Zarr store (resumable)."""
+"""Stage 3: evaluate the grid tile by tile into the landscape's Zarr store (resumable).
+
+The store's path is derived from the stage's fingerprint, so running the same command again
+reopens it and computes only the tiles its ``done`` mask lacks (``tiles_reused`` counts the
+others); ``resume=<store>`` reopens a store at another path, if it was made for the same
+configuration. NaN and inf are ordinary values here: only the ``done`` mask says a tile is
+finished.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
-from dataclasses import dataclass, field
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -11,10 +22,10 @@ import numpy as np
 import torch
 
 import landscapes as L
-from landscapes.errors import StoreError
+from landscapes.errors import ShapeMismatchError, StoreError
 from landscapes.grid import Grid, tile_shape_for
 from landscapes.store import LandscapeStore
-from pipelines.backends import Backend, LocalBackend
+from pipelines.backends import Backend, make_backend
 from pipelines.builders import as_device, build_data, build_metrics, grid_axes, load_model
 from pipelines.stages.directions import load_directions
 
@@ -38,26 +49,51 @@ class EvaluateOutputs:
     tiles_reused: int
     seconds: float
     metrics: dict[str, float] = field(default_factory=dict)
+    backend: str = "local"
 
 
 def evaluate(cfg: dict[str, Any], inputs: EvaluateInputs, backend: Backend | None = None) -> EvaluateOutputs:
-    """Evaluate every tile not yet done, writing each to the store as it finishes."""
-    backend = backend or LocalBackend()
+    """Evaluate every tile not yet done, writing each to the store as it finishes.
+
+    Args:
+        cfg: the resolved pipeline config (``model``, ``data``, ``metrics``, ``grid``,
+            ``compute``, ``checkpoint``; optional ``resume``: a store to continue).
+        inputs: checkpoint, directions, where the store lives and its fingerprint.
+        backend: who evaluates the tiles; default from ``compute.backend``.
+
+    Returns:
+        The store, the counts of computed and reused tiles, timings.
+
+    Raises:
+        ConfigurationError: a bad compute option (unreachable scheduler, no GPU, ...).
+        StoreError: ``resume`` names no store, or a store made for another configuration.
+        EvaluationError: tiles failed; the finished ones are kept and a re-run resumes.
+    """
     ccfg = cfg["compute"]
+    device = as_device(ccfg["device"])
+    backend = backend or make_backend(ccfg)  # check the compute options before any work
     model = load_model(cfg["model"], inputs.checkpoint, trust_pickle=cfg["checkpoint"]["trust_pickle"])
     metrics = build_metrics(cfg["metrics"], build_data(cfg["data"]))
     flat, dir_attrs = load_directions(inputs.directions)
     axes = grid_axes(cfg["grid"])
+    _check_directions(flat, model, len(axes), inputs.directions)
     evaluator = L.Evaluator(
-        model, metrics, torch.from_numpy(flat), device=as_device(ccfg["device"]), strategy=ccfg["strategy"],
+        model, metrics, torch.from_numpy(flat), device=device, strategy=ccfg["strategy"],
         model_mode=ccfg["model_mode"], memory_budget=ccfg["memory_budget"], max_batch_points=ccfg["max_batch_points"],
     )
-    store = _open_or_create(inputs, axes, list(evaluator.metric_names), evaluator, flat, dir_attrs)
-    todo = store.missing_tiles()
-    total_tiles = len(store.tiles())
-    seconds = backend.run(evaluator, store, todo, progress=ccfg["progress"]) if todo else 0.0
+    resume = cfg.get("resume")
+    if resume:
+        inputs = replace(inputs, store=_resume_path(resume))
+    with _exclusive(inputs.store):  # one driver per store: a second run of it waits, then reuses the tiles
+        store = _open_or_create(inputs, axes, list(evaluator.metric_names), evaluator, flat, dir_attrs, resume=bool(resume))
+        todo = store.missing_tiles()
+        total_tiles = len(store.tiles())
+        seconds = backend.run(evaluator, store, todo, progress=ccfg["progress"]) if todo else 0.0
+        backend_name = str(getattr(backend, "name", type(backend).__name__))
+        store.update_attrs({"evaluation": evaluator.describe() | {"backend": backend_name}})
     points = sum(t.size for t in todo)
-    store.update_attrs({"evaluation": evaluator.describe()})
+    extra = {f"backend_{k}": float(v) for k, v in (getattr(backend, "last_run", None) or {}).items()
+             if todo and (k.endswith("_seconds") or k == "workers")}
     return EvaluateOutputs(
         store=inputs.store,
         strategy=evaluator.strategy,
@@ -69,29 +105,104 @@ def evaluate(cfg: dict[str, Any], inputs: EvaluateInputs, backend: Backend | Non
         metrics={
             "evaluate_seconds": seconds,
             "points_per_second": points / seconds if seconds > 0 else 0.0,
+            "points_computed": float(points),
             "tiles_computed": float(len(todo)),
             "tiles_reused": float(total_tiles - len(todo)),
-        },
+        } | extra,
+        backend=backend_name,
     )
 
 
-def _open_or_create(inputs: EvaluateInputs, axes, metric_names, evaluator, flat, dir_attrs) -> LandscapeStore:
+@contextlib.contextmanager
+def _exclusive(store: Path) -> Iterator[None]:
+    """Hold ``<store>.lock`` (beside the store) while this process creates, evaluates and closes it.
+
+    Two runs with the same fingerprint (a sweep over ``compute.*`` only, or a command started
+    twice) would otherwise create the store at once and compute the same tiles twice. The
+    operating system releases the lock when the process dies, even by SIGKILL.
+    """
+    store.parent.mkdir(parents=True, exist_ok=True)
+    with open(store.parent / f"{store.name}.lock", "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"evaluate: another run is evaluating {store}; waiting for it to finish.", file=sys.stderr, flush=True)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _check_directions(flat: np.ndarray, model: torch.nn.Module, k: int, path: Path) -> None:
+    n = sum(p.numel() for p in model.parameters())
+    if flat.ndim != 2 or flat.shape != (k, n):
+        raise ShapeMismatchError(
+            f"evaluate: the directions in {path} have shape {tuple(flat.shape)}, this run needs ({k}, {n}): one row "
+            f"per grid axis (grid.dims={k}) and one column per parameter of {type(model).__name__}. They were made "
+            f"for another model or grid; delete {path} (or run with tracking.reuse=false) so that the directions "
+            "stage makes them again."
+        )
+
+
+def _resume_path(resume: Any) -> Path:
+    """The store named by ``resume=``: the ``landscape.zarr`` folder or the folder holding it."""
+    path = Path(str(resume)).expanduser().absolute()
+    if not (path / "zarr.json").exists() and (path / "landscape.zarr" / "zarr.json").exists():
+        path = path / "landscape.zarr"
+    if not (path / "zarr.json").exists():
+        raise StoreError(
+            f"resume={resume!r}: no landscape store there ({path}); pass the landscape.zarr folder that a "
+            "previous run wrote (its MLflow tag landscapes.store), or drop resume= to start afresh."
+        )
+    return path
+
+
+def _open_or_create(inputs: EvaluateInputs, axes, metric_names, evaluator, flat, dir_attrs, *, resume: bool = False) -> LandscapeStore:
+    how = f"resume={str(inputs.store)!r}" if resume else f"the landscape store {inputs.store}"
+    fix = (
+        "Pass resume= the store of this configuration, or drop resume= to start a fresh one"
+        if resume else "Delete the store or change paths.root_dir to start afresh"
+    )
     if (inputs.store / "zarr.json").exists():
-        store = LandscapeStore.open(inputs.store, mode="r+")
-        found = store.attrs.get("fingerprint")
+        try:
+            found = LandscapeStore.open(inputs.store, mode="r").attrs.get("fingerprint")
+        except StoreError:
+            found = _half_created(inputs.store)
+            if found == inputs.fingerprint:  # killed while it was being created: nothing to keep
+                return _create(inputs, axes, metric_names, evaluator, flat, dir_attrs, overwrite=True)
+            raise
         if found != inputs.fingerprint:
             raise StoreError(
-                f"the landscape store {inputs.store} was created for another configuration "
-                f"(fingerprint {found!r}, this run {inputs.fingerprint!r}); refusing to mix results. "
-                "Delete the store or change paths to start afresh."
+                f"{how} was created for another configuration (fingerprint {found!r}, this run "
+                f"{inputs.fingerprint!r}); refusing to mix results. {fix}."
             )
+        store = LandscapeStore.open(inputs.store, mode="r+")
         shape = tuple(len(a) for a in axes)
         if tuple(store.shape) != shape or list(store.metrics) != metric_names:
             raise StoreError(
-                f"the landscape store {inputs.store} has shape {store.shape} and metrics "
-                f"{list(store.metrics)}, this run needs {shape} and {metric_names}; delete it to start afresh."
+                f"{how} has shape {store.shape} and metrics {list(store.metrics)}, this run needs "
+                f"{shape} and {metric_names}. {fix}."
             )
         return store
+    if resume:
+        raise StoreError(f"resume={str(inputs.store)!r}: no landscape store there; drop resume= to start afresh.")
+    return _create(inputs, axes, metric_names, evaluator, flat, dir_attrs)
+
+
+def _half_created(path: Path) -> str | None:
+    """The fingerprint of a store whose creation was interrupted (no metric arrays, no tiles)."""
+    try:
+        doc = json.loads((path / "zarr.json").read_text())
+    except (OSError, ValueError):
+        return None
+    attrs = doc.get("attributes") or {}
+    if (path / "done" / "zarr.json").exists():
+        return None  # fully created: a real problem, not an interrupted creation
+    return attrs.get("fingerprint")
+
+
+def _create(inputs: EvaluateInputs, axes, metric_names, evaluator, flat, dir_attrs, *, overwrite: bool = False) -> LandscapeStore:
     tile_shape = tile_shape_for(tuple(len(a) for a in axes), evaluator.tile_points)
     attrs = {
         "fingerprint": inputs.fingerprint,
@@ -100,6 +211,7 @@ def _open_or_create(inputs: EvaluateInputs, axes, metric_names, evaluator, flat,
     }
     return LandscapeStore.create(
         inputs.store, axes=axes, metrics=metric_names, tile_shape=tile_shape, directions=flat, attrs=attrs,
+        overwrite=overwrite,
     )
 
 
@@ -112,3 +224,9 @@ def theta0_index(axes: list[np.ndarray]) -> tuple[int, ...] | None:
             return None
         idx.append(int(hits[0]))
     return tuple(idx)
+
+
+if __name__ == "__main__":  # python -m pipelines.stages.evaluate [overrides]
+    from pipelines.run import stage_main
+
+    stage_main("evaluate")

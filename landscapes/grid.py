@@ -42,6 +42,10 @@ def axis(start: float, stop: float, num: int) -> np.ndarray:
         raise ConfigurationError(
             f"axis range ({start}, {stop}) is not finite; give finite start and stop values."
         )
+    if start == stop and num > 1:
+        raise ConfigurationError(
+            f"axis range ({start}, {stop}) has zero length but num={num}; give start != stop, or num=1."
+        )
     coords = np.linspace(float(start), float(stop), int(num), dtype=np.float64)
     if num > 1 and min(start, stop) <= 0.0 <= max(start, stop):
         nearest = int(np.argmin(np.abs(coords)))

@@ -130,6 +130,10 @@ def grid_axes(grid_cfg: Mapping[str, Any]) -> list[np.ndarray]:
             raise ConfigurationError(f"grid.range={r} (axis {i}): give two numbers [low, high].") from err
         if not (np.isfinite(lo) and np.isfinite(hi)):
             raise ConfigurationError(f"grid.range={r} (axis {i}) is not finite; set finite numbers [low, high].")
+        if lo == hi and n > 1:
+            raise ConfigurationError(
+                f"grid.range={r} (axis {i}) has zero length but grid.steps={n}; give low != high, or grid.steps=1."
+            )
         axes.append(L.axis(lo, hi, n))
     return axes
 

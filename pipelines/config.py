@@ -2,7 +2,7 @@
 
 The top-level :class:`PipelineConfig` is the schema of ``conf/config.yaml`` (its defaults list
 starts with ``base_config``), so a wrong type or an unknown key in any group fails when
-Hydra composes the config. Field names equal the library keywords they feed; choices are
+Hydra composes the config (keys added with Hydra's ``+`` are, by Hydra's design, not checked). Field names equal the library keywords they feed; choices are
 ``str`` Enums whose values are the library's strings.
 """
 
@@ -121,7 +121,8 @@ class ComputeConfig:
     backend: Backend = Backend.local
     workers: int = 2
     threads_per_worker: int = 1
-    scheduler: str | None = None
+    scheduler: str | None = None  # address of an existing dask scheduler, e.g. tcp://host:8786
+    connect_timeout: float = 10.0  # seconds to reach compute.scheduler
     progress: bool = True
 
 
@@ -172,6 +173,7 @@ class PipelineConfig:
     plot: PlotConfig = field(default_factory=PlotConfig)
     summary: SummaryConfig = field(default_factory=SummaryConfig)
     compare: bool = True  # run the compare stage at the end of a sweep
+    resume: str | None = None  # a landscape.zarr to continue (re-running the same command also resumes)
     stop_after: StageName = StageName.report  # run the stages up to this one (upstream ones are reused)
     train: TrainOptions = field(default_factory=TrainOptions)
 

@@ -25,6 +25,7 @@ import json
 import math
 import os
 import re
+import socket
 import time
 import types
 import typing
@@ -58,6 +59,8 @@ __all__ = [
     "find_finished_stage",
     "run_stage",
     "start_pipeline_run",
+    "owner_tags",
+    "close_stale_runs",
     "log_params",
     "log_metrics",
     "log_metric_history",
@@ -69,6 +72,10 @@ TAG_STAGE = "landscapes.stage"
 TAG_STAGE_KEY = "landscapes.stage_key"
 TAG_OUTPUTS = "landscapes.outputs"
 TAG_PARENT_STAGE_PREFIX = "landscapes.stage_run."
+TAG_HOST = "landscapes.host"
+TAG_PID = "landscapes.pid"
+TAG_ATTEMPT = "landscapes.attempt_key"
+TAG_RESUMES = "landscapes.resumes"
 OUTPUTS_ARTIFACT = "outputs.json"
 
 _SQLITE = "sqlite:///"
@@ -344,12 +351,16 @@ def run_stage(
             if outputs is not None and _local_paths_exist(outputs):
                 _link_parent(parent_run_id, name, previous.info.run_id)
                 return outputs
+    stale = close_stale_runs(experiment_id, f"tags.`{TAG_ATTEMPT}` = '{key}'")
+    stage_tags = {TAG_KIND: "stage", TAG_STAGE: name, TAG_ATTEMPT: key, **owner_tags()}
+    if stale:
+        stage_tags[TAG_RESUMES] = ",".join(stale)
     with mlflow.start_run(
         experiment_id=experiment_id,
         run_name=name,
         nested=True,
         parent_run_id=parent_run_id,
-        tags={TAG_KIND: "stage", TAG_STAGE: name},
+        tags=stage_tags,
     ) as run:
         if params:
             mlflow.log_params(flatten_params(params))
@@ -400,7 +411,8 @@ def start_pipeline_run(
     Yields:
         The active run (``run.info.run_id``).
     """
-    all_tags = {TAG_KIND: "pipeline", **{k: str(v) for k, v in (tags or {}).items()}}
+    all_tags = {TAG_KIND: "pipeline", **owner_tags(), **{k: str(v) for k, v in (tags or {}).items()}}
+    close_stale_runs(experiment_id, f"tags.`{TAG_KIND}` = '{all_tags[TAG_KIND]}'")
     with mlflow.start_run(
         experiment_id=experiment_id,
         run_name=run_name,
@@ -409,6 +421,38 @@ def start_pipeline_run(
         tags=all_tags,
     ) as run:
         yield run
+
+
+def owner_tags() -> dict[str, str]:
+    """Which process owns a run: lets a later run close it if that process was killed."""
+    return {TAG_HOST: socket.gethostname(), TAG_PID: str(os.getpid())}
+
+
+def close_stale_runs(experiment_id: str, filter_string: str) -> list[str]:
+    """End as KILLED the RUNNING runs matching ``filter_string`` whose process on this host is gone.
+
+    A run killed with SIGKILL never ends itself; the next attempt of the same stage (or
+    pipeline) closes it. Runs of other hosts, of live processes, or without owner tags stay.
+
+    Returns:
+        The ids of the runs it closed.
+    """
+    client = MlflowClient()
+    runs = client.search_runs([experiment_id], f"attributes.status = 'RUNNING' and {filter_string}")
+    host, closed = socket.gethostname(), []
+    for run in runs:
+        tags = run.data.tags
+        pid = tags.get(TAG_PID, "")
+        if tags.get(TAG_HOST) != host or not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            client.set_terminated(run.info.run_id, "KILLED")
+            closed.append(run.info.run_id)
+        except PermissionError:  # alive, owned by someone else
+            continue
+    return closed
 
 
 def log_params(params: Mapping[str, Any]) -> None:

@@ -21,6 +21,7 @@ CASES = [
     pytest.param(lambda: L.random_direction(MODEL, ignore="bias"), L.ConfigurationError, r"ignore='bias' is not an option", id="ignore"),
     pytest.param(lambda: L.random_direction(MODEL, seed=1.5), L.ConfigurationError, r"seed=1.5: expected an integer", id="seed"),
     pytest.param(lambda: L.axis(-1, 1, 0), L.ConfigurationError, r"num=0: an axis needs at least one point", id="axis-empty"),
+    pytest.param(lambda: L.axis(1.0, 1.0, 9), L.ConfigurationError, r"has zero length but num=9; give start != stop", id="axis-zero-length"),
     pytest.param(lambda: L.axis(-1, float("inf"), 3), L.ConfigurationError, r"not finite; give finite", id="axis-inf"),
     pytest.param(lambda: L.evaluate(MODEL, LOSS, [D], [[]]), L.ConfigurationError, r"axes\[0\] has shape \(0,\)", id="grid-empty"),
     pytest.param(lambda: L.evaluate(MODEL, LOSS, [D], [[0.0, np.nan]]), L.ConfigurationError, r"non-finite coordinates", id="grid-nan"),

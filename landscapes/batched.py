@@ -41,6 +41,7 @@ class SequentialPlan:
         params: Mapping[str, torch.Tensor],
         first: Mapping[str, torch.Tensor] | None,
         buffers: Mapping[str, torch.Tensor],
+        cache: dict[str, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Outputs ``(m, N, ...)`` for the m points of ``coords`` ``(m, k)``.
 
@@ -52,6 +53,8 @@ class SequentialPlan:
                 ``"weight"`` ``((k+1)·out, in)`` and biases ``"bias"`` ``(k+1, out)``; None to
                 skip the shortcut.
             buffers: the root module's buffers by name (BatchNorm running statistics).
+            cache: where to keep the first layer's products ``x·[Wo; B]ᵀ`` between tiles when
+                ``x`` is the same batch for every tile (one-batch data); None to recompute.
         """
         m = coords.shape[0]
         h, shared = x, True
@@ -59,7 +62,7 @@ class SequentialPlan:
             mod, pre = layer.module, layer.prefix
             if isinstance(mod, nn.Linear):
                 if shared and first is not None:
-                    h = _first_linear(h, coords, first)
+                    h = _first_linear(h, coords, first, cache)
                 else:
                     if shared:
                         h = h.unsqueeze(0).expand(m, *h.shape)
@@ -80,6 +83,8 @@ class SequentialPlan:
                     h = (h - mean) * scale
             elif isinstance(mod, nn.Flatten):
                 h = mod(h) if shared else h.flatten(2)
+            elif isinstance(mod, nn.ReLU) and not shared:
+                h = torch.relu_(h)  # h is this tile's own tensor: no second copy
             else:  # elementwise activation or dropout in eval mode
                 h = mod(h)
         if shared:
@@ -87,16 +92,23 @@ class SequentialPlan:
         return h
 
 
-def _first_linear(x: torch.Tensor, coords: torch.Tensor, first: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    k = coords.shape[1]
-    z = x @ first["weight"].T  # (N, (k+1)·out)
-    n, out = x.shape[0], z.shape[1] // (k + 1)
-    z = z.reshape(n, k + 1, out)
-    base = z[:, 0, :] + first["bias"][0]
-    moves = z[:, 1:, :].permute(1, 0, 2).reshape(k, n * out)
-    bias_moves = first["bias"][1:]
-    h = (coords @ moves).reshape(-1, n, out) + base
-    return h + (coords @ bias_moves).unsqueeze(1)
+def _first_linear(
+    x: torch.Tensor, coords: torch.Tensor, first: Mapping[str, torch.Tensor], cache: dict[str, torch.Tensor] | None
+) -> torch.Tensor:
+    if cache is not None and "base" in cache:
+        base, moves = cache["base"], cache["moves"]
+    else:
+        k = coords.shape[1]
+        z = x @ first["weight"].T  # (N, (k+1)·out)
+        n, out = x.shape[0], z.shape[1] // (k + 1)
+        z = z.reshape(n, k + 1, out)
+        base = z[:, 0, :] + first["bias"][0]  # (N, out)
+        moves = z[:, 1:, :].permute(1, 0, 2).reshape(k, n * out).contiguous()
+        if cache is not None:
+            cache.update(base=base, moves=moves)
+    n, out = base.shape
+    h = torch.addmm(base.reshape(1, -1), coords, moves).reshape(-1, n, out)
+    return h + (coords @ first["bias"][1:]).unsqueeze(1)
 
 
 def sequential_plan(root: nn.Module) -> SequentialPlan | None:

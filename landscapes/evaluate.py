@@ -47,6 +47,13 @@ MODEL_MODES = ("eval", "train", "as_is")
 CPU_MEMORY_BUDGET = 1 << 30
 #: Upper bound on points per tile; keeps tiles a useful unit of progress and of work.
 MAX_TILE_POINTS = {"loop": 4096, "vmap": 1024, "batched": 256}
+#: On a CPU, batched tiles are fastest while their activations stay near the caches: about this
+#: many bytes per tile, and at most 64 points (measured on the W-MLP workloads, docs/benchmarks.md).
+CPU_BATCHED_TILE_BYTES = 24 << 20
+CPU_BATCHED_MAX_POINTS = 64
+#: Above this many bytes of activations per point, "auto" prefers the loop to batched tiles on a
+#: CPU (W-MLP on all 1797 samples, 3.7 MiB per point: the loop was faster; on 128: batched).
+CPU_BATCHED_MAX_POINT_BYTES = 1 << 20
 _TRAIN_ONLY = (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd)
 
 DirectionLike = Mapping[str, torch.Tensor] | torch.Tensor | np.ndarray
@@ -113,6 +120,7 @@ class Evaluator:
         self.custom_metrics = [m for m in self.metrics if not isinstance(m, DatasetMetric)]
         self._groups = _group_by_data(self.dataset_metrics)
         self._cached_batches: dict[tuple[int, int], tuple[Any, Any]] = {}
+        self._first_cache: dict[int, dict[str, torch.Tensor]] = {}
 
         self.basis = self._stack(directions)  # (k, n)
         self.k = self.basis.shape[0]
@@ -180,6 +188,11 @@ class Evaluator:
         if requested in ("auto", "batched"):
             plan = batched.sequential_plan(self.root)
             if plan is not None and self._verify(plan):
+                big = self.device.type == "cpu" and self._activation_bytes() > CPU_BATCHED_MAX_POINT_BYTES
+                if requested == "auto" and big:
+                    self.plan, self._first = None, None
+                    mb = self._activation_bytes() / 2**20
+                    return "loop", f"CPU: one point's activations ({mb:.1f} MiB) are too large for batched tiles to stay in cache"
                 return "batched", "plain Sequential MLP: hand-batched tiles"
             if requested == "batched":
                 warnings.warn(
@@ -244,17 +257,25 @@ class Evaluator:
                 memory_budget = CPU_MEMORY_BUDGET
         item = self.basis.element_size()
         per_point = self.space.numel * item * 2  # the point's parameters (+ a temporary)
-        if self.strategy != "loop":
-            per_point += 3 * self._activation_bytes()
+        activations = self._activation_bytes() if self.strategy != "loop" else 0
+        per_point += 3 * activations
         points = max(1, int(memory_budget // max(per_point, 1)))
         points = min(points, MAX_TILE_POINTS[self.strategy])
+        if self.strategy == "batched" and self.device.type == "cpu":
+            fast = max(1, CPU_BATCHED_TILE_BYTES // max(activations, 1))
+            points = min(points, fast, CPU_BATCHED_MAX_POINTS)
         if max_batch_points is not None:
             points = min(points, max_batch_points)
         self.memory_budget = int(memory_budget)
         return points
 
     def _activation_bytes(self) -> int:
-        """Bytes of every leaf module's output for one point on the largest batch seen first."""
+        """Bytes of every leaf module's output for one point on the first batch (measured once)."""
+        if getattr(self, "_act_bytes", None) is None:
+            self._act_bytes = self._measure_activations()
+        return self._act_bytes
+
+    def _measure_activations(self) -> int:
         batch = self._probe_batch()
         if batch is None:
             return 0
@@ -350,7 +371,12 @@ class Evaluator:
     def _batched_forward(self, x: torch.Tensor, c: torch.Tensor, thetas: torch.Tensor) -> torch.Tensor:
         params = self.space.unflatten(thetas)
         buffers = dict(self.root.named_buffers())
-        return self.plan.forward(x, c, params, self._first, buffers)
+        # one-batch data: the first layer's products are the same for every tile
+        cache = self._first_cache.setdefault(id(x), {}) if self._is_cached(x) else None
+        return self.plan.forward(x, c, params, self._first, buffers, cache)
+
+    def _is_cached(self, x: Any) -> bool:
+        return any(batch[0] is x for batch in self._cached_batches.values())
 
     def _points(self, c: torch.Tensor) -> torch.Tensor:
         """θ for every point, ``(m, n)``: origin + c·basis, from scratch."""
@@ -398,6 +424,7 @@ class Evaluator:
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
         state["_cached_batches"] = {}
+        state["_first_cache"] = {}
         return state
 
     def describe(self) -> dict[str, Any]:

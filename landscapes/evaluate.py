@@ -46,7 +46,7 @@ MODEL_MODES = ("eval", "train", "as_is")
 #: Default memory budget (bytes) for a tile on a CPU; on CUDA half the free memory is used.
 CPU_MEMORY_BUDGET = 1 << 30
 #: Upper bound on points per tile; keeps tiles a useful unit of progress and of work.
-MAX_TILE_POINTS = {"loop": 4096, "vmap": 1024, "batched": 256}
+MAX_TILE_POINTS = {"loop": 256, "vmap": 1024, "batched": 256}
 #: On a CPU, batched tiles are fastest while their activations stay near the caches: about this
 #: many bytes per tile, and at most 64 points (measured on the W-MLP workloads, docs/benchmarks.md).
 CPU_BATCHED_TILE_BYTES = 24 << 20
@@ -364,8 +364,11 @@ class Evaluator:
         return self._loop_forward(x, thetas)
 
     def _loop_forward(self, x: Any, thetas: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
+        params = list(self.root.parameters())
+        views = self.space.unflatten(thetas)  # each parameter stacked over the tile, built once
+        stacked = [views[s.name] for s in self.space.specs]
         for p in range(thetas.shape[0]):
-            self._set_parameters(thetas[p])
+            torch._foreach_copy_(params, [v[p] for v in stacked])
             yield p, self.wrapper.forward(x).unsqueeze(0)
 
     def _batched_forward(self, x: torch.Tensor, c: torch.Tensor, thetas: torch.Tensor) -> torch.Tensor:

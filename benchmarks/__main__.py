@@ -1,0 +1,334 @@
+"""``python -m benchmarks``: run the suite, print the table, write the JSON record.
+
+Every contender of a workload runs once per repeat, in a fixed round-robin order, so machine
+noise hits all of them alike; one untimed warm-up round on a 3×3 grid comes first. A run
+during which other processes kept more than ``--max-foreign`` of the CPUs busy waits for the
+machine to quiet down and runs again (at most ``--retries`` times; the record keeps count).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as dt
+import os
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from benchmarks import measure
+from benchmarks.contenders import Contender, all_contenders, make_directions
+from benchmarks.report import (
+    LOOP,
+    ContenderResult,
+    WorkloadResult,
+    format_table,
+    max_relative_difference,
+    write_json,
+)
+from benchmarks.workloads import (
+    WORKLOAD_GROUPS,
+    Sizes,
+    Workload,
+    build_workloads,
+    precision_context,
+)
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
+    p.add_argument(
+        "--workloads",
+        default=",".join(WORKLOAD_GROUPS),
+        help="comma-separated subset of %(default)s",
+    )
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=None,
+        help="timed runs per contender (default 5, 1 with --quick)",
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="a smoke run (< 60 s on 2 idle cores): 11×11 MLP grids, 5×5 CNN and GPU grids, "
+        "5,000 GPU images, each strategy at its own tile size only, 1 repeat",
+    )
+    p.add_argument(
+        "--gpu-steps",
+        type=int,
+        default=None,
+        help="W-GPU ResNet-56 grid points per axis (default 51; 5 with --quick)",
+    )
+    p.add_argument(
+        "--gpu-images",
+        type=int,
+        default=None,
+        help="W-GPU synthetic images (default 50,000; 5,000 with --quick)",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=len(os.sched_getaffinity(0)),
+        help="torch intra-op threads (default: the usable cores, %(default)s)",
+    )
+    p.add_argument(
+        "--max-foreign",
+        type=float,
+        default=None,
+        help="rerun a timing when other processes used more than this share of the "
+        "CPUs meanwhile (default 0.1; 1, the --quick default, disables)",
+    )
+    p.add_argument(
+        "--retries", type=int, default=3, help="reruns per timing at most (default %(default)s)"
+    )
+    p.add_argument(
+        "--quiet-wait",
+        type=float,
+        default=120.0,
+        help="seconds to wait for a quiet machine before a rerun (default %(default)s)",
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="JSON path (default benchmarks/results/<timestamp>.json)",
+    )
+    args = p.parse_args(argv)
+    if args.repeats is None:
+        args.repeats = 1 if args.quick else 5
+    if args.max_foreign is None:
+        args.max_foreign = 1.0 if args.quick else 0.1
+    if args.repeats < 1:
+        p.error(f"--repeats={args.repeats}: need at least one timed run")
+    return args
+
+
+def _engine_available() -> str | None:
+    """None when ``landscapes.evaluate`` imports, otherwise why not."""
+    try:
+        import landscapes
+
+        landscapes.evaluate  # noqa: B018 - the attribute is the check
+    except Exception as exc:  # noqa: BLE001 - any import failure means "not yet"
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def _peak_gflops(device: torch.device) -> dict[str, float]:
+    """Measured square-matmul throughput per precision on ``device``."""
+    if device.type == "cpu":
+        return {"cpu fp32": measure.matmul_gflops(device)}
+    return {
+        "cuda fp32": measure.matmul_gflops(device),
+        "cuda tf32": measure.matmul_gflops(device, tf32=True),
+        "cuda bf16": measure.matmul_gflops(device, dtype=torch.bfloat16),
+    }
+
+
+def _peak_key(w: Workload) -> str:
+    return "cpu fp32" if w.device.type == "cpu" else f"cuda {w.precision}"
+
+
+def _cleanup(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _fallback(c: Contender, info: dict[str, Any]) -> str | None:
+    """Why an engine contender is redundant: it resolved to another strategy than it asked for."""
+    asked = getattr(c, "strategy", "auto")
+    got = info.get("strategy")
+    if asked != "auto" and got is not None and got != asked:
+        return f"falls back to {got}: {info.get('strategy_reason', '')}".rstrip(": ")
+    return None
+
+
+def _duplicate(r: ContenderResult, resolved: dict[tuple[Any, Any], str]) -> str | None:
+    """``"same as X"`` when an earlier engine contender resolved to the same strategy and tile
+    size (a requested tile above the engine's cap, say), so timing it again adds nothing."""
+    if "strategy" not in r.info:
+        return None
+    key = (r.info["strategy"], r.info.get("tile_points"))
+    if key in resolved:
+        return f"same as {resolved[key]}"
+    resolved[key] = r.name
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class Policy:
+    """How runs disturbed by other processes are handled."""
+
+    max_foreign: float = 0.1
+    retries: int = 3
+    quiet_wait: float = 120.0
+
+
+def _timed_run(
+    c: Contender, w: Workload, directions: Any, policy: Policy, log: Callable[[str], None]
+) -> tuple[Any, measure.Timing, int]:
+    """One timed run of ``c``, rerun after a quiet spell when other processes disturbed it."""
+    for attempt in range(policy.retries + 1):
+        try:
+            out, timing = measure.timed(lambda: c.run(w, directions), w.device)
+        finally:
+            _cleanup(w.device)
+        if not timing.foreign_load > policy.max_foreign or attempt == policy.retries:
+            return out, timing, attempt
+        waited = measure.wait_for_quiet(policy.max_foreign, policy.quiet_wait)
+        log(
+            f"    other processes used {timing.foreign_load:.0%} of the CPUs; "
+            f"waited {waited:.0f} s, running again"
+        )
+    raise AssertionError("unreachable")
+
+
+def run_workload(
+    w: Workload,
+    contenders: list[Contender],
+    repeats: int,
+    policy: Policy,
+    log: Callable[[str], None],
+) -> WorkloadResult:
+    """Warm up, then time every contender ``repeats`` times, alternating between them.
+
+    The result is not finished (see :meth:`WorkloadResult.finish`): the matmul throughput it
+    is compared with is the best measured over the whole run.
+    """
+    flops = measure.forward_flops(
+        w.model, w.inputs, lambda: precision_context(w.precision, w.device)
+    )
+    result = WorkloadResult(
+        w.name,
+        w.description,
+        str(w.device),
+        w.precision,
+        w.steps,
+        w.points,
+        len(w.inputs),
+        flops,
+        _peak_gflops(w.device)[_peak_key(w)],
+        w.tolerance,
+        [ContenderResult(c.name) for c in contenders],
+    )
+    try:
+        directions = make_directions(w.model)
+    except Exception as exc:  # noqa: BLE001 - only the contenders that need them fail
+        why = f"directions failed: {type(exc).__name__}: {exc}".splitlines()[0]
+        log(f"  {why}")
+        directions = []
+        for c, r in zip(contenders, result.contenders, strict=True):
+            if c.same_directions:
+                r.error = why
+    warm = dataclasses.replace(w, steps=3)
+    values: dict[str, np.ndarray] = {}
+    resolved: dict[tuple[Any, Any], str] = {}  # (strategy, tile points) -> first contender
+    checked: set[str] = set()
+    with measure.ForeignLoad() as load:
+        for rep in range(-1, repeats):  # -1: untimed warm-up on a 3×3 grid
+            for c, r in zip(contenders, result.contenders, strict=True):
+                if r.error or r.skipped:
+                    continue
+                try:
+                    if rep < 0:
+                        r.info = c.run(warm, directions).info
+                        r.skipped = _fallback(c, r.info)
+                        # a tile size below the warm-up grid's size cannot have been clamped to it
+                        if not r.skipped and r.info.get("tile_points", warm.points) < warm.points:
+                            r.skipped = _duplicate(r, resolved)
+                            checked.add(r.name)
+                        continue
+                    out, timing, reruns = _timed_run(c, w, directions, policy, log)
+                    if r.name not in checked:
+                        r.info = out.info
+                        r.skipped = _duplicate(r, resolved)
+                        checked.add(r.name)
+                        if r.skipped:
+                            continue
+                except Exception as exc:  # noqa: BLE001 - record, keep the others going
+                    r.error = f"{type(exc).__name__}: {exc}".splitlines()[0]
+                    log(f"  {c.name}: {r.error}")
+                    traceback.print_exc(file=sys.stderr)
+                    continue
+                r.info = out.info
+                r.times_s.append(timing.seconds)
+                r.cpu_s.append(timing.cpu_seconds)
+                r.peak_bytes.append(timing.peak_bytes)
+                r.foreign_load.append(timing.foreign_load)
+                r.reruns += reruns
+                if c.same_directions:
+                    values[c.name] = out.values
+                log(f"  [{rep + 1}/{repeats}] {c.name}: {timing.seconds:.3f} s")
+    result.foreign_load = load.fraction
+    loop = values.get(LOOP)
+    for r in result.contenders:
+        if loop is not None and r.name in values and r.name != LOOP:
+            r.max_rel_diff_vs_loop = max_relative_difference(values[r.name], loop)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(argv)
+    torch.set_num_threads(args.threads)
+    started, t0 = dt.datetime.now(), time.perf_counter()
+    out = args.out or Path("benchmarks/results") / f"{started:%Y%m%dT%H%M%S}.json"
+    policy = Policy(args.max_foreign, args.retries, args.quiet_wait)
+    machine = measure.machine_info()  # before the runs: it hashes the engine's sources
+
+    def log(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+    names = [n.strip() for n in args.workloads.split(",") if n.strip()]
+    sizes = Sizes.quick() if args.quick else Sizes()
+    sizes = dataclasses.replace(
+        sizes,
+        gpu_steps=args.gpu_steps or sizes.gpu_steps,
+        gpu_images=args.gpu_images or sizes.gpu_images,
+    )
+    workloads, notes = build_workloads(names, sizes)
+    missing = _engine_available()
+    if missing:
+        notes.append(f"engine skipped: landscapes.evaluate is not importable ({missing})")
+    peak = _peak_gflops(torch.device("cpu"))
+    if any(w.device.type == "cuda" for w in workloads):
+        peak |= _peak_gflops(torch.device("cuda"))
+    results = []
+    for w in workloads:
+        log(f"{w.name}: {w.description}")
+        contenders = all_contenders(w, with_engine=not missing, quick=args.quick)
+        results.append(run_workload(w, contenders, args.repeats, policy, log))
+    # compare with the best throughput measured at any time in the run (the machine's ability)
+    for r in results:
+        key = "cpu fp32" if r.device == "cpu" else f"cuda {r.precision}"
+        peak[key] = max(peak[key], r.peak_gflops)
+    for r in results:
+        r.peak_gflops_before = r.peak_gflops
+        r.peak_gflops = peak["cpu fp32" if r.device == "cpu" else f"cuda {r.precision}"]
+        r.finish()
+    header: dict[str, Any] = {
+        "created": started.isoformat(timespec="seconds"),
+        "command": "python -m benchmarks " + " ".join(sys.argv[1:] if argv is None else argv),
+        "quick": args.quick,
+        "repeats": args.repeats,
+        "sizes": dataclasses.asdict(sizes),
+        "policy": dataclasses.asdict(policy),
+        "machine": machine,
+        "matmul_gflops": peak,
+        "notes": notes,
+        "wall_s": round(time.perf_counter() - t0, 1),
+    }
+    print(format_table(results, header))
+    write_json(out, header, results)
+    print(f"\nwrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,336 @@
+"""Deterministic, offline workloads: a trained model, its data and a grid.
+
+* ``W-MLP-a`` / ``W-MLP-b``: scikit-learn digits, MLP 64-128-128-10, all 1797 samples in one
+  batch (a) or the first 128 (b).
+* ``W-CNN``: the same data as 1×8×8 images, two 3×3 convolutions and a linear head.
+* ``W-GPU``: ResNet-56 on 50,000 seeded synthetic CIFAR-sized images (TF32 and bf16 autocast),
+  plus W-MLP on the GPU. Built only when CUDA is available.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "Precision",
+    "Workload",
+    "Sizes",
+    "WORKLOAD_GROUPS",
+    "build_workloads",
+    "precision_context",
+    "resnet56",
+]
+
+Precision = Literal["fp32", "tf32", "bf16"]
+
+#: Sanity bound on the engine-vs-loop difference: a hard requirement only for fp32.
+AGREEMENT_TOLERANCE: dict[str, float] = {"fp32": 1e-5, "tf32": 5e-3, "bf16": 5e-2}
+
+
+@dataclass
+class Workload:
+    """One benchmark case: everything every contender needs, identical for all of them."""
+
+    name: str
+    description: str
+    model: nn.Module
+    inputs: torch.Tensor
+    targets: torch.Tensor
+    steps: int  # points per axis; the grid is steps × steps over [-1, 1]²
+    device: torch.device
+    precision: Precision = "fp32"
+    tile_sizes: tuple[int, ...] = ()  # engine tile sizes (max_batch_points) to sweep
+    extra: dict[str, object] = field(default_factory=dict)
+
+    @property
+    def axes(self) -> list[np.ndarray]:
+        """The two grid axes, float64 coordinates from -1 to 1."""
+        return [np.linspace(-1.0, 1.0, self.steps)] * 2
+
+    @property
+    def points(self) -> int:
+        """Number of grid points."""
+        return self.steps * self.steps
+
+    @property
+    def tolerance(self) -> float:
+        """Largest acceptable max relative difference between the engine and the loop."""
+        return AGREEMENT_TOLERANCE[self.precision]
+
+
+@contextlib.contextmanager
+def precision_context(precision: Precision, device: torch.device) -> Iterator[None]:
+    """Run the body in fp32 (no TF32), fp32 with TF32 matmuls, or bf16 autocast."""
+    if device.type != "cuda":
+        if precision != "fp32":
+            raise ValueError(f"precision={precision!r} is only benchmarked on CUDA devices")
+        yield
+        return
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    tf32 = precision in ("tf32", "bf16")
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cudnn.allow_tf32 = tf32
+    try:
+        if precision == "bf16":
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                yield
+        else:
+            yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+# --------------------------------------------------------------------------- data and models
+
+
+def digits(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """scikit-learn digits, standardized per feature: ``(1797, 64)`` float32, ``(1797,)`` int64."""
+    from sklearn.datasets import load_digits
+    from sklearn.preprocessing import StandardScaler
+
+    data = load_digits()
+    x = StandardScaler().fit_transform(data.data).astype(np.float32)
+    return torch.from_numpy(x).to(device), torch.from_numpy(data.target).long().to(device)
+
+
+def mlp() -> nn.Sequential:
+    """MLP 64-128-128-10 with ReLU."""
+    return nn.Sequential(
+        nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 10)
+    )
+
+
+def small_cnn() -> nn.Sequential:
+    """Conv(1,16,3,p1)-ReLU-Conv(16,32,3,p1)-ReLU-Flatten-Linear(2048,10) for 1×8×8 inputs."""
+    return nn.Sequential(
+        nn.Conv2d(1, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(16, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(32 * 8 * 8, 10),
+    )
+
+
+def train(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int = 5, seed: int = 0
+) -> nn.Module:
+    """A few epochs of Adam (lr 1e-3, batch 64, seeded shuffles); returns the model in eval mode."""
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    for _ in range(epochs):
+        for idx in torch.randperm(len(x), generator=gen).split(64):
+            idx = idx.to(x.device)
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(model(x[idx]), y[idx]).backward()
+            opt.step()
+    return model.eval()
+
+
+class _BasicBlock(nn.Module):
+    """CIFAR ResNet basic block with the parameter-free shortcut (option A of He et al.)."""
+
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.pad = cout - cin
+        self.stride = stride
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        short = x
+        if self.stride != 1 or self.pad:
+            short = x[:, :, :: self.stride, :: self.stride]
+            short = F.pad(short, (0, 0, 0, 0, self.pad // 2, self.pad - self.pad // 2))
+        return F.relu(out + short)
+
+
+class ResNetCifar(nn.Module):
+    """ResNet-(6n+2) for 3×32×32 inputs: 16/32/64 channels, n basic blocks per stage."""
+
+    def __init__(self, n: int = 9, num_classes: int = 10) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 16, 3, 1, 1, bias=False)
+        self.bn = nn.BatchNorm2d(16)
+        blocks: list[nn.Module] = []
+        cin = 16
+        for cout, stride in ((16, 1), (32, 2), (64, 2)):
+            for i in range(n):
+                blocks.append(_BasicBlock(cin, cout, stride if i == 0 else 1))
+                cin = cout
+        self.blocks = nn.Sequential(*blocks)
+        self.fc = nn.Linear(64, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.blocks(F.relu(self.bn(self.conv(x))))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(out, 1), 1))
+
+
+def resnet56(num_classes: int = 10, *, seed: int = 0) -> ResNetCifar:
+    """ResNet-56 for CIFAR (0.85 M parameters), seeded.
+
+    BatchNorm scales and shifts are drawn as ``1 + 0.1·N(0, 1)`` and ``0.1·N(0, 1)`` instead of
+    ones and zeros, as after training: with exactly zero shifts, loss-landscapes 3.0.6's filter
+    normalization divides 0 by 0 and raises ``ZeroDivisionError``.
+    """
+    torch.manual_seed(seed)
+    model = ResNetCifar(9, num_classes)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.add_(0.1 * torch.randn(m.weight.shape, generator=gen))
+                m.bias.copy_(0.1 * torch.randn(m.bias.shape, generator=gen))
+    return model
+
+
+def synthetic_cifar(
+    count: int, device: torch.device, *, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``count`` standard-normal 3×32×32 images and uniform labels from a seeded CPU generator."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(count, 3, 32, 32, generator=gen)
+    y = torch.randint(0, 10, (count,), generator=gen)
+    return x.to(device), y.to(device)
+
+
+@torch.no_grad()
+def calibrate_batchnorm(model: nn.Module, x: torch.Tensor, *, batch: int = 500) -> nn.Module:
+    """Set BatchNorm running statistics to the cumulative average over ``x``; return eval mode."""
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.reset_running_stats()
+            m.momentum = None
+    model.train()
+    for chunk in x.split(batch):
+        model(chunk)
+    return model.eval()
+
+
+# --------------------------------------------------------------------------- workloads
+
+_MLP_TILES = (16, 64, 256)
+_CNN_TILES = (8, 64)
+_GPU_TILES = ()  # ResNet-56 runs take minutes each: only the engine's own tile sizes
+
+#: The groups ``--workloads`` accepts.
+WORKLOAD_GROUPS = ("W-MLP-a", "W-MLP-b", "W-CNN", "W-GPU")
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """Grid and data sizes: the issue's by default, small ones for ``--quick``."""
+
+    mlp_steps: int = 41
+    cnn_steps: int = 41
+    gpu_steps: int = 51
+    gpu_images: int = 50_000
+
+    @classmethod
+    def quick(cls) -> Sizes:
+        return cls(mlp_steps=11, cnn_steps=5, gpu_steps=5, gpu_images=5_000)
+
+
+@functools.cache
+def _mlp_workloads(device: torch.device, steps: int, suffix: str = "") -> tuple[Workload, ...]:
+    x, y = digits(device)
+    torch.manual_seed(0)
+    model = train(mlp().to(device), x, y)
+    desc = "digits, MLP 64-128-128-10"
+    return (
+        Workload(
+            f"W-MLP-a{suffix}",
+            f"{desc}, all 1797 samples",
+            model,
+            x,
+            y,
+            steps,
+            device,
+            tile_sizes=_MLP_TILES,
+        ),
+        Workload(
+            f"W-MLP-b{suffix}",
+            f"{desc}, first 128 samples",
+            model,
+            x[:128],
+            y[:128],
+            steps,
+            device,
+            tile_sizes=_MLP_TILES,
+        ),
+    )
+
+
+def _cnn_workloads(device: torch.device, steps: int) -> list[Workload]:
+    x, y = digits(device)
+    x = x.reshape(-1, 1, 8, 8)
+    torch.manual_seed(0)
+    model = train(small_cnn().to(device), x, y)
+    return [
+        Workload(
+            "W-CNN",
+            "digits as 1×8×8, Conv16-Conv32-Linear, all 1797 samples",
+            model,
+            x,
+            y,
+            steps,
+            device,
+            tile_sizes=_CNN_TILES,
+        )
+    ]
+
+
+def _gpu_workloads(sizes: Sizes) -> list[Workload]:
+    device = torch.device("cuda")
+    x, y = synthetic_cifar(sizes.gpu_images, device)
+    model = calibrate_batchnorm(resnet56(seed=0).to(device), x[:5000])
+    desc = f"ResNet-56, {sizes.gpu_images} synthetic 3×32×32 images, BatchNorm eval"
+    out = [
+        Workload(
+            f"W-GPU-resnet56-{p}",
+            f"{desc}, {p}",
+            model,
+            x,
+            y,
+            sizes.gpu_steps,
+            device,
+            p,
+            tile_sizes=_GPU_TILES,
+        )
+        for p in ("tf32", "bf16")
+    ]
+    return out + list(_mlp_workloads(device, sizes.mlp_steps, suffix="-cuda"))
+
+
+def build_workloads(names: list[str], sizes: Sizes) -> tuple[list[Workload], list[str]]:
+    """Build the named workload groups; returns the workloads and notes on skipped groups."""
+    workloads: list[Workload] = []
+    notes: list[str] = []
+    cpu = torch.device("cpu")
+    for name in names:
+        if name not in WORKLOAD_GROUPS:
+            raise ValueError(
+                f"--workloads: unknown workload {name!r}; choose from {', '.join(WORKLOAD_GROUPS)}."
+            )
+        if name in ("W-MLP-a", "W-MLP-b"):
+            workloads += [w for w in _mlp_workloads(cpu, sizes.mlp_steps) if w.name == name]
+        elif name == "W-CNN":
+            workloads += _cnn_workloads(cpu, sizes.cnn_steps)
+        elif torch.cuda.is_available():
+            workloads += _gpu_workloads(sizes)
+        else:
+            notes.append("W-GPU skipped: no CUDA device")
+    return workloads, notes

@@ -32,7 +32,7 @@ from landscapes.errors import (
 )
 from landscapes.grid import Grid, Tile, tile_shape_for
 from landscapes.landscape import Landscape
-from landscapes.metrics import DatasetMetric, Metric, _to, flatten_metrics, metric_names
+from landscapes.metrics import DatasetMetric, Metric, _device_of, _to, flatten_metrics, metric_names
 from landscapes.params import ParameterSpace
 from landscapes.wrappers import ModelWrapper, SimpleModelWrapper, wrap_model
 
@@ -342,8 +342,9 @@ class Evaluator:
                     results[id(metric)] = metric._compute(totals[i], weights[i]).numpy()
             if self.custom_metrics:
                 values = {id(metric): np.empty(m, dtype=np.float64) for metric in self.custom_metrics}
+                set_point = self._point_setter(thetas)
                 for p in range(m):
-                    self._set_parameters(thetas[p])
+                    set_point(p)
                     for metric in self.custom_metrics:
                         values[id(metric)][p] = _scalar(metric(self.wrapper), metric)
                 results.update(values)
@@ -364,11 +365,9 @@ class Evaluator:
         return self._loop_forward(x, thetas)
 
     def _loop_forward(self, x: Any, thetas: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
-        params = list(self.root.parameters())
-        views = self.space.unflatten(thetas)  # each parameter stacked over the tile, built once
-        stacked = [views[s.name] for s in self.space.specs]
+        set_point = self._point_setter(thetas)
         for p in range(thetas.shape[0]):
-            torch._foreach_copy_(params, [v[p] for v in stacked])
+            set_point(p)
             yield p, self.wrapper.forward(x).unsqueeze(0)
 
     def _batched_forward(self, x: torch.Tensor, c: torch.Tensor, thetas: torch.Tensor) -> torch.Tensor:
@@ -385,10 +384,16 @@ class Evaluator:
         """θ for every point, ``(m, n)``: origin + c·basis, from scratch."""
         return torch.addmm(self.origin.unsqueeze(0), c, self.basis)
 
-    def _set_parameters(self, theta: torch.Tensor) -> None:
-        views = self.space.unflatten(theta)
+    def _point_setter(self, thetas: torch.Tensor) -> Callable[[int], None]:
+        """A function writing point ``p`` of ``thetas`` ``(m, n)`` into the model's parameters."""
         params = list(self.root.parameters())
-        torch._foreach_copy_(params, [views[s.name] for s in self.space.specs])
+        views = self.space.unflatten(thetas)  # each parameter stacked over the tile, built once
+        stacked = [views[s.name] for s in self.space.specs]
+
+        def set_point(p: int) -> None:
+            torch._foreach_copy_(params, [v[p] for v in stacked])
+
+        return set_point
 
     def _batches(self, group: list[DatasetMetric]) -> Iterator[tuple[Any, torch.Tensor]]:
         data = group[0].data
@@ -571,12 +576,6 @@ def _scalar(value: Any, metric: Metric) -> float:
             "stores one number per point. Return a float (e.g. a norm of the array)."
         )
     return float(arr.reshape(()))
-
-
-def _device_of(module: nn.Module) -> torch.device:
-    for p in module.parameters():
-        return p.device
-    return torch.device("cpu")
 
 
 def _resolve_device(device: str | torch.device | None, root: nn.Module) -> torch.device:

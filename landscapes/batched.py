@@ -85,30 +85,100 @@ class SequentialPlan:
                 h = mod(h) if shared else h.flatten(2)
             elif isinstance(mod, nn.ReLU) and not shared:
                 h = torch.relu_(h)  # h is this tile's own tensor: no second copy
-            else:  # elementwise activation or dropout in eval mode
-                h = mod(h)
+            else:  # elementwise activation or dropout in eval mode; never in place on x
+                h = mod(h.clone() if shared and getattr(mod, "inplace", False) else h)
         if shared:
             h = h.unsqueeze(0).expand(m, *h.shape)
         return h
+
+    def forward_each(
+        self,
+        x: torch.Tensor,
+        coords: torch.Tensor,
+        params: Mapping[str, torch.Tensor],
+        first: Mapping[str, torch.Tensor] | None,
+        buffers: Mapping[str, torch.Tensor],
+        cache: dict[str, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """The same outputs ``(m, N, ...)`` as :meth:`forward`, one point after another.
+
+        For points whose activations do not fit in the caches: each point's first layer is
+        ``base + Σ cᵢ·movesᵢ`` from the shared products, and every later Linear layer is one
+        ``addmm`` into a buffer reused from point to point.
+        """
+        m, k = coords.shape
+        steps = coords.tolist()
+        layers = list(self.layers)
+        # the layers before the first parameterized one see the same input at every point
+        while layers and not isinstance(layers[0].module, (nn.Linear, nn.BatchNorm1d)):
+            mod = layers.pop(0).module
+            x = mod(x.clone() if getattr(mod, "inplace", False) else x)
+        shortcut = first is not None and bool(layers) and isinstance(layers[0].module, nn.Linear)
+        if shortcut:
+            base, moves = _first_products(x, k, first, cache)
+        out: torch.Tensor | None = None
+        scratch: dict[int, torch.Tensor] = {}  # layer index -> its output buffer, reused
+
+        def buffer(i: int, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+            buf = scratch.get(i)
+            if buf is None or buf.shape != shape:
+                buf = scratch[i] = torch.empty(shape, dtype=like.dtype, device=like.device)
+            return buf
+
+        for p in range(m):
+            h = x
+            for i, layer in enumerate(layers):
+                mod, pre = layer.module, layer.prefix
+                if i == 0 and shortcut:
+                    h = torch.add(base, moves[0], alpha=steps[p][0], out=buffer(i, base.shape, base))
+                    for j in range(1, k):
+                        h.add_(moves[j], alpha=steps[p][j])
+                elif isinstance(mod, nn.Linear):
+                    w = params[pre + "weight"][p]
+                    buf = buffer(i, (*h.shape[:-1], mod.out_features), h)
+                    if mod.bias is not None:
+                        h = torch.addmm(params[pre + "bias"][p], h, w.T, out=buf)
+                    else:
+                        h = torch.mm(h, w.T, out=buf)
+                elif isinstance(mod, nn.BatchNorm1d):
+                    scale = torch.rsqrt(buffers[pre + "running_var"] + mod.eps)
+                    h = h - buffers[pre + "running_mean"] if i == 0 else h.sub_(buffers[pre + "running_mean"])
+                    if mod.affine:
+                        h.mul_(params[pre + "weight"][p] * scale).add_(params[pre + "bias"][p])
+                    else:
+                        h.mul_(scale)
+                elif isinstance(mod, nn.ReLU):
+                    h = torch.relu_(h)  # h is a buffer of this pass, never the input
+                else:
+                    h = mod(h)
+            if out is None:
+                out = torch.empty((m, *h.shape), dtype=h.dtype, device=h.device)
+            out[p].copy_(h)
+        assert out is not None
+        return out
+
+
+def _first_products(
+    x: torch.Tensor, k: int, first: Mapping[str, torch.Tensor], cache: dict[str, torch.Tensor] | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``base = x·Woᵀ + bo`` ``(N, out)`` and ``moves[i] = x·Bᵢᵀ + bᵢ`` ``(k, N, out)``."""
+    if cache is not None and "base" in cache:
+        return cache["base"], cache["moves"]
+    z = x @ first["weight"].T  # (N, (k+1)·out): one product for θ0 and every direction
+    n, out = x.shape[0], z.shape[1] // (k + 1)
+    z = z.reshape(n, k + 1, out).permute(1, 0, 2) + first["bias"].unsqueeze(1)  # (k+1, N, out)
+    base, moves = z[0].contiguous(), z[1:].contiguous()
+    if cache is not None:
+        cache.update(base=base, moves=moves)
+    return base, moves
 
 
 def _first_linear(
     x: torch.Tensor, coords: torch.Tensor, first: Mapping[str, torch.Tensor], cache: dict[str, torch.Tensor] | None
 ) -> torch.Tensor:
-    if cache is not None and "base" in cache:
-        base, moves = cache["base"], cache["moves"]
-    else:
-        k = coords.shape[1]
-        z = x @ first["weight"].T  # (N, (k+1)·out)
-        n, out = x.shape[0], z.shape[1] // (k + 1)
-        z = z.reshape(n, k + 1, out)
-        base = z[:, 0, :] + first["bias"][0]  # (N, out)
-        moves = z[:, 1:, :].permute(1, 0, 2).reshape(k, n * out).contiguous()
-        if cache is not None:
-            cache.update(base=base, moves=moves)
+    base, moves = _first_products(x, coords.shape[1], first, cache)
     n, out = base.shape
-    h = torch.addmm(base.reshape(1, -1), coords, moves).reshape(-1, n, out)
-    return h + (coords @ first["bias"][1:]).unsqueeze(1)
+    return torch.addmm(base.reshape(1, -1), coords, moves.reshape(coords.shape[1], -1)).reshape(-1, n, out)
 
 
 def sequential_plan(root: nn.Module) -> SequentialPlan | None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import time
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Literal
 
 import numpy as np
@@ -47,12 +47,12 @@ MODEL_MODES = ("eval", "train", "as_is")
 CPU_MEMORY_BUDGET = 1 << 30
 #: Upper bound on points per tile; keeps tiles a useful unit of progress and of work.
 MAX_TILE_POINTS = {"loop": 256, "vmap": 1024, "batched": 256}
-#: On a CPU, batched tiles are fastest while their activations stay near the caches: about this
-#: many bytes per tile, and at most 64 points (measured on the W-MLP workloads, docs/benchmarks.md).
+#: On a CPU, a batched pass is fastest while its activations stay near the caches: about this
+#: many bytes per pass, and at most 64 points (measured on the W-MLP workloads, docs/benchmarks.md).
 CPU_BATCHED_TILE_BYTES = 24 << 20
 CPU_BATCHED_MAX_POINTS = 64
-#: Above this many bytes of activations per point, "auto" prefers the loop to batched tiles on a
-#: CPU (W-MLP on all 1797 samples, 3.7 MiB per point: the loop was faster; on 128: batched).
+#: Above this many bytes of activations per point, batched tiles on a CPU run one point per pass
+#: (W-MLP on all 1797 samples, 3.7 MiB per point: one point at a time was faster; on 128: 64).
 CPU_BATCHED_MAX_POINT_BYTES = 1 << 20
 _TRAIN_ONLY = (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd)
 
@@ -132,7 +132,7 @@ class Evaluator:
         self.plan: batched.SequentialPlan | None = None
         self._first: dict[str, torch.Tensor] | None = None
         self.strategy, self.reason = self._choose(strategy)
-        self.tile_points = self._tile_points(memory_budget, max_batch_points)
+        self.tile_points, self.pass_points = self._tile_points(memory_budget, max_batch_points)
 
     # -- preparation -----------------------------------------------------------------------
     def _stack(self, directions: Any) -> torch.Tensor:
@@ -188,11 +188,6 @@ class Evaluator:
         if requested in ("auto", "batched"):
             plan = batched.sequential_plan(self.root)
             if plan is not None and self._verify(plan):
-                big = self.device.type == "cpu" and self._activation_bytes() > CPU_BATCHED_MAX_POINT_BYTES
-                if requested == "auto" and big:
-                    self.plan, self._first = None, None
-                    mb = self._activation_bytes() / 2**20
-                    return "loop", f"CPU: one point's activations ({mb:.1f} MiB) are too large for batched tiles to stay in cache"
                 return "batched", "plain Sequential MLP: hand-batched tiles"
             if requested == "batched":
                 warnings.warn(
@@ -212,18 +207,19 @@ class Evaluator:
         batch = self._probe_batch()
         if batch is None or not isinstance(batch[0], torch.Tensor):
             return False
-        x = batch[0][:8]
+        x = batch[0][:8].clone()  # a model may work in place on its input
         self.plan = plan
         self._prepare_first()
         with self._model_state(), torch.no_grad():
             try:
-                zero = torch.zeros(1, self.k, device=self.device, dtype=self.dtype)
-                got = self._batched_forward(x, zero, self._points(zero))[0]
+                zero = torch.zeros(2, self.k, device=self.device, dtype=self.dtype)
+                params, buffers = self.space.unflatten(self._points(zero)), dict(self.root.named_buffers())
+                got = [run(x, zero, params, self._first, buffers) for run in (plan.forward, plan.forward_each)]
                 want = self.root(x)
             except Exception:  # noqa: BLE001 - any failure means: not this path
                 self.plan, self._first = None, None
                 return False
-        if got.shape != want.shape or not torch.allclose(got, want, rtol=1e-4, atol=1e-5):
+        if any(g.shape[1:] != want.shape or not torch.allclose(g, want.expand_as(g), rtol=1e-4, atol=1e-5) for g in got):
             self.plan, self._first = None, None
             return False
         return True
@@ -248,26 +244,31 @@ class Evaluator:
                 return x, y
         return None
 
-    def _tile_points(self, memory_budget: int | None, max_batch_points: int | None) -> int:
+    def _tile_points(self, memory_budget: int | None, max_batch_points: int | None) -> tuple[int, int]:
+        """Points per tile (the unit of work and of progress) and per forward pass within it."""
         if memory_budget is None:
             if self.device.type == "cuda":
                 free, _ = torch.cuda.mem_get_info(self.device)
                 memory_budget = free // 2
             else:
                 memory_budget = CPU_MEMORY_BUDGET
-        item = self.basis.element_size()
-        per_point = self.space.numel * item * 2  # the point's parameters (+ a temporary)
-        activations = self._activation_bytes() if self.strategy != "loop" else 0
-        per_point += 3 * activations
-        points = max(1, int(memory_budget // max(per_point, 1)))
-        points = min(points, MAX_TILE_POINTS[self.strategy])
-        if self.strategy == "batched" and self.device.type == "cpu":
-            fast = max(1, CPU_BATCHED_TILE_BYTES // max(activations, 1))
-            points = min(points, fast, CPU_BATCHED_MAX_POINTS)
-        if max_batch_points is not None:
-            points = min(points, max_batch_points)
         self.memory_budget = int(memory_budget)
-        return points
+        params = self.space.numel * self.basis.element_size() * 2  # a point's parameters (+ a temporary)
+        activations = 3 * self._activation_bytes() if self.strategy != "loop" else 0
+        cap = MAX_TILE_POINTS[self.strategy] if max_batch_points is None else min(max_batch_points, MAX_TILE_POINTS[self.strategy])
+        if self.strategy == "loop":
+            return _fit(memory_budget, params, cap), 1
+        if self.strategy == "vmap":
+            points = _fit(memory_budget, params + activations, cap)
+            return points, points
+        # batched: the tile holds every point's parameters; a pass holds its points' activations
+        passes = _fit(memory_budget // 2, activations, cap)
+        if self.device.type == "cpu":
+            if self._activation_bytes() > CPU_BATCHED_MAX_POINT_BYTES:
+                passes = 1
+            passes = min(passes, max(1, CPU_BATCHED_TILE_BYTES // max(self._activation_bytes(), 1)), CPU_BATCHED_MAX_POINTS)
+        points = max(passes, _fit(memory_budget - passes * activations, params, cap))
+        return points, passes
 
     def _activation_bytes(self) -> int:
         """Bytes of every leaf module's output for one point on the first batch (measured once)."""
@@ -275,7 +276,13 @@ class Evaluator:
             self._act_bytes = self._measure_activations()
         return self._act_bytes
 
+    def _output_bytes(self) -> int:
+        """Bytes of the model's output for one point on the first batch (measured once)."""
+        self._activation_bytes()
+        return self._out_bytes
+
     def _measure_activations(self) -> int:
+        self._out_bytes = 0
         batch = self._probe_batch()
         if batch is None:
             return 0
@@ -289,7 +296,9 @@ class Evaluator:
         handles = [m.register_forward_hook(hook) for m in leaves]
         try:
             with self._model_state(), torch.no_grad():
-                self.root(batch[0])
+                out = self.root(batch[0].clone())
+            if isinstance(out, torch.Tensor):
+                self._out_bytes = out.numel() * out.element_size()
         finally:
             for h in handles:
                 h.remove()
@@ -322,7 +331,8 @@ class Evaluator:
     def _run(self, c: torch.Tensor) -> dict[str, np.ndarray]:
         m = c.shape[0]
         results: dict[str, np.ndarray] = {}
-        with self._model_state(), torch.no_grad():
+        writes = self.strategy == "loop" or bool(self.custom_metrics)  # batched and vmap only read it
+        with self._model_state(writes), torch.no_grad():
             thetas = self._points(c)
             for group in self._groups:
                 totals = torch.zeros(len(group), m, dtype=torch.float64)
@@ -350,19 +360,33 @@ class Evaluator:
                 results.update(values)
         return {name: results[id(metric)] for name, metric in zip(self.metric_names, self.metrics, strict=True)}
 
-    def _forward(self, x: Any, c: torch.Tensor, thetas: torch.Tensor) -> Iterable[tuple[int, torch.Tensor]]:
+    def _forward(self, x: Any, c: torch.Tensor, thetas: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
         """Model outputs for every point of the tile on batch ``x``, as (first index, (m', N, ...))."""
-        if self.strategy == "batched":
-            return [(0, self._batched_forward(x, c, thetas))]
-        if self.strategy == "vmap":
-            params = self.space.unflatten(thetas)
-            buffers = dict(self.root.named_buffers())
+        if self.strategy == "loop":
+            yield from self._loop_forward(x, thetas)
+            return
+        step = self._chunk_points()
+        for start in range(0, c.shape[0], step):
+            cs, ts = c[start : start + step], thetas[start : start + step]
+            if self.strategy == "batched":
+                yield start, self._batched_forward(x, cs, ts)
+            else:
+                yield start, self._vmap_forward(x, ts)
 
-            def one(p: dict[str, torch.Tensor]) -> torch.Tensor:
-                return torch.func.functional_call(self.root, (p, buffers), (x,))
+    def _chunk_points(self) -> int:
+        """Points whose outputs go to the metrics together: a pass, or one-point passes gathered."""
+        if self.pass_points > 1 or self.strategy != "batched":
+            return self.pass_points
+        return _fit(CPU_BATCHED_TILE_BYTES, self._output_bytes(), CPU_BATCHED_MAX_POINTS)
 
-            return [(0, torch.func.vmap(one, randomness="error")(params))]
-        return self._loop_forward(x, thetas)
+    def _vmap_forward(self, x: Any, thetas: torch.Tensor) -> torch.Tensor:
+        params = self.space.unflatten(thetas)
+        buffers = dict(self.root.named_buffers())
+
+        def one(p: dict[str, torch.Tensor]) -> torch.Tensor:
+            return torch.func.functional_call(self.root, (p, buffers), (x,))
+
+        return torch.func.vmap(one, randomness="error")(params)
 
     def _loop_forward(self, x: Any, thetas: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
         set_point = self._point_setter(thetas)
@@ -375,7 +399,8 @@ class Evaluator:
         buffers = dict(self.root.named_buffers())
         # one-batch data: the first layer's products are the same for every tile
         cache = self._first_cache.setdefault(id(x), {}) if self._is_cached(x) else None
-        return self.plan.forward(x, c, params, self._first, buffers, cache)
+        run = self.plan.forward_each if self.pass_points == 1 and c.shape[0] > 1 else self.plan.forward
+        return run(x, c, params, self._first, buffers, cache)
 
     def _is_cached(self, x: Any) -> bool:
         return any(batch[0] is x for batch in self._cached_batches.values())
@@ -408,13 +433,14 @@ class Evaluator:
             yield _to(x, self.device), _to(y, self.device)
 
     @contextlib.contextmanager
-    def _model_state(self) -> Iterator[None]:
-        """Set the evaluation mode; restore parameters, buffers and modes afterwards."""
+    def _model_state(self, writes: bool = True) -> Iterator[None]:
+        """Set the evaluation mode; restore the modes afterwards, and parameters and buffers
+        too unless the caller promises not to write them (``writes=False``)."""
         modules = list(self.root.modules())
         modes = [m.training for m in modules]
-        params = [p for p in self.root.parameters()]
+        params = [p for p in self.root.parameters()] if writes else []
         saved = [p.detach().clone() for p in params]
-        buffers = [b for b in self.root.buffers()]
+        buffers = [b for b in self.root.buffers()] if writes else []
         saved_buffers = [b.detach().clone() for b in buffers]
         try:
             if self.model_mode != "as_is":
@@ -441,6 +467,7 @@ class Evaluator:
             "strategy": self.strategy,
             "strategy_reason": self.reason,
             "tile_points": self.tile_points,
+            "pass_points": self.pass_points,
             "memory_budget": self.memory_budget,
             "device": str(self.device),
             "dtype": str(self.dtype).replace("torch.", ""),
@@ -559,6 +586,11 @@ def _progress(total: int, enabled: bool) -> Callable[[int | None], None]:
             bar.update(n)
 
     return update
+
+
+def _fit(budget: int, per_point: int, cap: int) -> int:
+    """How many points of ``per_point`` bytes fit in ``budget``: at least 1, at most ``cap``."""
+    return max(1, min(cap, int(budget // max(per_point, 1))))
 
 
 def _group_by_data(metrics: list[DatasetMetric]) -> list[list[DatasetMetric]]:

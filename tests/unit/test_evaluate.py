@@ -42,6 +42,60 @@ def test_batched_tiles_equal_the_loop(factory, data_name, strategy, request) -> 
         assert fast.metadata["strategy"] == "batched"
 
 
+def _wide_mlp(kind: str) -> nn.Module:
+    torch.manual_seed(4)
+    if kind == "no-first-bias":
+        layers = [nn.Linear(6, 32, bias=False), nn.ReLU(), nn.Linear(32, 3)]
+    elif kind == "bn-input":
+        layers = [nn.BatchNorm1d(6), nn.Linear(6, 32), nn.GELU(), nn.Linear(32, 3)]
+    elif kind == "inplace-first":
+        layers = [nn.ReLU(inplace=True), nn.Linear(6, 32), nn.ReLU(inplace=True), nn.Linear(32, 3)]
+    else:
+        layers = [nn.Linear(6, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 24), nn.Tanh(), nn.Linear(24, 3)]
+    model = nn.Sequential(*layers)
+    from tests.conftest import _randomize_bn
+
+    _randomize_bn(model)
+    return model.eval()
+
+
+@pytest.mark.parametrize("kind", ["bn-hidden", "no-first-bias", "bn-input", "inplace-first"])
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_one_point_passes_equal_the_loop_and_the_reference(kind, k) -> None:
+    """On a CPU, MLPs with over 1 MiB of activations per point run batched tiles one point
+    per pass (reused buffers, shared first-layer products): same values as every other path."""
+    g = torch.Generator().manual_seed(9)
+    x, y = torch.randn(5000, 6, generator=g), torch.randint(0, 3, (5000,), generator=g)
+    x_before = x.clone()
+    model = _wide_mlp(kind)
+    dirs = [L.random_direction(model, seed=s) for s in range(k)]
+    axes = [L.axis(-1, 1, 5), L.axis(-0.5, 1.5, 4), L.axis(0.0, 1.0, 3)][:k]
+    metric = L.Loss(nn.CrossEntropyLoss(), x, y)
+    ev = L.Evaluator(model, metric, dirs)
+    assert (ev.strategy, ev.pass_points) == ("batched", 1) and ev.tile_points > 1
+    before = snapshot(model)
+    fast = L.evaluate(model, metric, dirs, axes)
+    assert fast.metadata["pass_points"] == 1
+    assert_unchanged(model, before)
+    torch.testing.assert_close(x, x_before, rtol=0, atol=0)  # nothing ran in place on the data
+    loop = L.evaluate(model, metric, dirs, axes, strategy="loop")
+    np.testing.assert_allclose(fast["loss"], loop["loss"], rtol=RTOL)
+    want = landscape_reference(model, nn.CrossEntropyLoss(), x, y, dirs, axes)
+    np.testing.assert_allclose(fast["loss"], want, rtol=RTOL)
+
+
+def test_one_point_passes_over_a_dataloader_give_the_dataset_mean() -> None:
+    g = torch.Generator().manual_seed(10)
+    x, y = torch.randn(8000, 6, generator=g), torch.randint(0, 3, (8000,), generator=g)
+    model = _wide_mlp("bn-hidden")
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=3000)
+    dirs, axes = _dirs(model), [L.axis(-1, 1, 4), L.axis(-1, 1, 3)]
+    land = L.evaluate(model, L.Loss(nn.CrossEntropyLoss(), loader), dirs, axes)
+    assert (land.metadata["strategy"], land.metadata["pass_points"]) == ("batched", 1)
+    want = landscape_reference(model, nn.CrossEntropyLoss(), x, y, dirs, axes)
+    np.testing.assert_allclose(land["loss"], want, rtol=RTOL)
+
+
 @pytest.mark.parametrize("factory,data_name", MODELS)
 def test_engine_matches_float64_reference(factory, data_name, request) -> None:
     x, y = request.getfixturevalue(data_name)

@@ -130,7 +130,7 @@ class Evaluator:
             self.origin = self.space.flatten(origin, what="origin").to(self.device, self.dtype)
 
         self.plan: batched.SequentialPlan | None = None
-        self._first: dict[str, torch.Tensor] | None = None
+        self._first: dict[str, Any] | None = None
         self.strategy, self.reason = self._choose(strategy)
         self.tile_points, self.pass_points = self._tile_points(memory_budget, max_batch_points)
 
@@ -213,8 +213,7 @@ class Evaluator:
         with self._model_state(), torch.no_grad():
             try:
                 zero = torch.zeros(2, self.k, device=self.device, dtype=self.dtype)
-                params, buffers = self.space.unflatten(self._points(zero)), dict(self.root.named_buffers())
-                got = [run(x, zero, params, self._first, buffers) for run in (plan.forward, plan.forward_each)]
+                got = [self._batched_forward(x, zero, each) for each in (False, True)]
                 want = self.root(x)
             except Exception:  # noqa: BLE001 - any failure means: not this path
                 self.plan, self._first = None, None
@@ -225,17 +224,29 @@ class Evaluator:
         return True
 
     def _prepare_first(self) -> None:
-        first = next((layer for layer in self.plan.layers if isinstance(layer.module, nn.Linear)), None)
+        """The first Linear layer's origin and basis rows for the shortcut (when its input is
+        the data itself), and the smaller space of the parameters the plan reads per point."""
         self._first = None
-        if first is None or first.module.bias is None:
-            return
-        w_name, b_name = first.prefix + "weight", first.prefix + "bias"
+        for layer in self.plan.layers:
+            if isinstance(layer.module, nn.BatchNorm1d):
+                break  # the first Linear's input then depends on the point: no shortcut
+            if isinstance(layer.module, nn.Linear):
+                if layer.module.bias is not None:
+                    self._first = self._first_rows(layer.prefix)
+                break
+        skip = set(self._first["names"]) if self._first is not None else set()
+        self._plan_space = self.space.subset(n for n in self.space.names if n not in skip)
+        self._plan_origin = self.space.select(self.origin, self._plan_space)
+        self._plan_basis = self.space.select(self.basis, self._plan_space)
+
+    def _first_rows(self, prefix: str) -> dict[str, Any]:
         spec = {s.name: s for s in self.space.specs}
-        ws, bs = spec[w_name], spec[b_name]
+        ws, bs = spec[prefix + "weight"], spec[prefix + "bias"]
         rows = torch.cat([self.origin.unsqueeze(0), self.basis])  # (k+1, n)
-        self._first = {
+        return {
             "weight": rows[:, ws.offset : ws.stop].reshape(-1, ws.shape[1]).contiguous(),
             "bias": rows[:, bs.offset : bs.stop].contiguous(),
+            "names": (ws.name, bs.name),
         }
 
     def _probe_batch(self) -> tuple[Any, Any] | None:
@@ -333,12 +344,11 @@ class Evaluator:
         results: dict[str, np.ndarray] = {}
         writes = self.strategy == "loop" or bool(self.custom_metrics)  # batched and vmap only read it
         with self._model_state(writes), torch.no_grad():
-            thetas = self._points(c)
             for group in self._groups:
                 totals = torch.zeros(len(group), m, dtype=torch.float64)
                 weights = [0.0] * len(group)
                 for x, y in self._batches(group):
-                    for start, out in self._forward(x, c, thetas):
+                    for start, out in self._forward(x, c):
                         for i, metric in enumerate(group):
                             totals[i, start : start + out.shape[0]] += metric._update(out, y).cpu()
                     for i, metric in enumerate(group):
@@ -352,7 +362,7 @@ class Evaluator:
                     results[id(metric)] = metric._compute(totals[i], weights[i]).numpy()
             if self.custom_metrics:
                 values = {id(metric): np.empty(m, dtype=np.float64) for metric in self.custom_metrics}
-                set_point = self._point_setter(thetas)
+                set_point = self._point_setter(self._points(c))
                 for p in range(m):
                     set_point(p)
                     for metric in self.custom_metrics:
@@ -360,24 +370,31 @@ class Evaluator:
                 results.update(values)
         return {name: results[id(metric)] for name, metric in zip(self.metric_names, self.metrics, strict=True)}
 
-    def _forward(self, x: Any, c: torch.Tensor, thetas: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
-        """Model outputs for every point of the tile on batch ``x``, as (first index, (m', N, ...))."""
-        if self.strategy == "loop":
-            yield from self._loop_forward(x, thetas)
-            return
+    def _forward(self, x: Any, c: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
+        """Model outputs for every point of the tile on batch ``x``, as (first index, (m', N, ...)).
+
+        The tile goes in chunks, each with its points' parameters ``origin + c·basis`` computed
+        fresh, so they stay in cache however large the tile is.
+        """
         step = self._chunk_points()
         for start in range(0, c.shape[0], step):
-            cs, ts = c[start : start + step], thetas[start : start + step]
-            if self.strategy == "batched":
-                yield start, self._batched_forward(x, cs, ts)
+            cs = c[start : start + step]
+            if self.strategy == "loop":
+                for p, out in self._loop_forward(x, self._points(cs)):
+                    yield start + p, out
+            elif self.strategy == "batched":
+                yield start, self._batched_forward(x, cs, each=self.pass_points == 1 and len(cs) > 1)
             else:
-                yield start, self._vmap_forward(x, ts)
+                yield start, self._vmap_forward(x, self._points(cs))
 
     def _chunk_points(self) -> int:
-        """Points whose outputs go to the metrics together: a pass, or one-point passes gathered."""
-        if self.pass_points > 1 or self.strategy != "batched":
+        """Points computed together: a pass, or one-point passes whose outputs go to the metrics
+        together."""
+        if self.pass_points > 1:
             return self.pass_points
-        return _fit(CPU_BATCHED_TILE_BYTES, self._output_bytes(), CPU_BATCHED_MAX_POINTS)
+        if self.strategy == "batched":
+            return _fit(CPU_BATCHED_TILE_BYTES, self._output_bytes(), CPU_BATCHED_MAX_POINTS)
+        return CPU_BATCHED_MAX_POINTS
 
     def _vmap_forward(self, x: Any, thetas: torch.Tensor) -> torch.Tensor:
         params = self.space.unflatten(thetas)
@@ -394,12 +411,14 @@ class Evaluator:
             set_point(p)
             yield p, self.wrapper.forward(x).unsqueeze(0)
 
-    def _batched_forward(self, x: torch.Tensor, c: torch.Tensor, thetas: torch.Tensor) -> torch.Tensor:
-        params = self.space.unflatten(thetas)
+    def _batched_forward(self, x: torch.Tensor, c: torch.Tensor, each: bool) -> torch.Tensor:
+        """Outputs for the points ``c`` in one pass, or (``each``) one point after another."""
+        # only the parameters the plan reads: not the first layer's when the shortcut covers it
+        params = self._plan_space.unflatten(torch.addmm(self._plan_origin.unsqueeze(0), c, self._plan_basis))
         buffers = dict(self.root.named_buffers())
         # one-batch data: the first layer's products are the same for every tile
         cache = self._first_cache.setdefault(id(x), {}) if self._is_cached(x) else None
-        run = self.plan.forward_each if self.pass_points == 1 and c.shape[0] > 1 else self.plan.forward
+        run = self.plan.forward_each if each else self.plan.forward
         return run(x, c, params, self._first, buffers, cache)
 
     def _is_cached(self, x: Any) -> bool:

@@ -90,6 +90,22 @@ class ParameterSpace:
             s.name: flat[..., s.offset : s.stop].reshape(*lead, *s.shape) for s in self.specs
         }
 
+    def subset(self, names: Iterable[str]) -> ParameterSpace:
+        """The space of only ``names`` (in this space's order), with offsets from 0."""
+        wanted = set(names)
+        specs, offset = [], 0
+        for s in self.specs:
+            if s.name in wanted:
+                specs.append(TensorSpec(s.name, s.shape, offset, s.numel, s.kind))
+                offset += s.numel
+        return ParameterSpace(tuple(specs), offset)
+
+    def select(self, flat: torch.Tensor, sub: ParameterSpace) -> torch.Tensor:
+        """The entries of ``flat`` (``(..., n)``) that belong to ``sub``, laid out as ``sub``."""
+        by_name = {s.name: s for s in self.specs}
+        parts = [flat[..., by_name[s.name].offset : by_name[s.name].stop] for s in sub.specs]
+        return torch.cat(parts, dim=-1) if parts else flat[..., :0].clone()
+
     def check(self, tensors: Mapping[str, torch.Tensor], *, what: str = "tensors") -> None:
         """Raise ShapeMismatchError unless ``tensors`` has exactly this space's names and shapes."""
         missing = [n for n in self.names if n not in tensors]

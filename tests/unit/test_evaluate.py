@@ -84,6 +84,17 @@ def test_one_point_passes_equal_the_loop_and_the_reference(kind, k) -> None:
     np.testing.assert_allclose(fast["loss"], want, rtol=RTOL)
 
 
+def test_single_linear_sequential_is_batched_through_the_shortcut_alone(data) -> None:
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Linear(6, 3))  # every parameter is in the first layer
+    x, y = data
+    metric = L.Loss(nn.CrossEntropyLoss(), x, y)
+    dirs, axes = _dirs(model), [L.axis(-1, 1, 5), L.axis(-1, 1, 4)]
+    land = L.evaluate(model, metric, dirs, axes)
+    assert land.metadata["strategy"] == "batched"
+    np.testing.assert_allclose(land["loss"], landscape_reference(model, nn.CrossEntropyLoss(), x, y, dirs, axes), rtol=RTOL)
+
+
 def test_one_point_passes_over_a_dataloader_give_the_dataset_mean() -> None:
     g = torch.Generator().manual_seed(10)
     x, y = torch.randn(8000, 6, generator=g), torch.randint(0, 3, (8000,), generator=g)

@@ -36,3 +36,18 @@ def test_mismatch_lists_missing_unexpected_and_shapes() -> None:
     space = ParameterSpace.from_module(nn.Linear(3, 2))
     with pytest.raises(ShapeMismatchError, match=r"missing \[bias\] \(1\); unexpected \[extra\] \(1\); shape mismatch \[weight: \(3, 3\) vs model \(2, 3\)\]"):
         space.flatten({"weight": torch.zeros(3, 3), "extra": torch.zeros(1)})
+
+
+def test_subset_selects_columns_in_order_and_rebases_offsets() -> None:
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    space = ParameterSpace.from_module(model)
+    flat = torch.arange(float(space.numel)).repeat(2, 1)  # (2, n): leading dims are kept
+    sub = space.subset(["2.bias", "0.bias"])  # asked out of order: the space's order wins
+    assert sub.names == ("0.bias", "2.bias") and sub.numel == 6
+    picked = space.select(flat, sub)
+    assert picked.shape == (2, 6)
+    views = sub.unflatten(picked)
+    torch.testing.assert_close(views["0.bias"][1], torch.arange(12.0, 16.0))  # 0.weight is 12 long
+    torch.testing.assert_close(views["2.bias"][0], torch.arange(float(space.numel - 2), float(space.numel)))
+    empty = space.subset([])
+    assert empty.numel == 0 and space.select(flat, empty).shape == (2, 0)

@@ -150,12 +150,12 @@ def _fallback(c: Contender, info: dict[str, Any]) -> str | None:
     return None
 
 
-def _duplicate(r: ContenderResult, resolved: dict[tuple[Any, Any], str]) -> str | None:
-    """``"same as X"`` when an earlier engine contender resolved to the same strategy and tile
-    size (a requested tile above the engine's cap, say), so timing it again adds nothing."""
+def _duplicate(r: ContenderResult, resolved: dict[tuple[Any, ...], str]) -> str | None:
+    """``"same as X"`` when an earlier engine contender resolved to the same strategy, tile
+    and pass size (a requested tile above the engine's cap, say), so timing it again adds nothing."""
     if "strategy" not in r.info:
         return None
-    key = (r.info["strategy"], r.info.get("tile_points"))
+    key = (r.info["strategy"], r.info.get("tile_points"), r.info.get("pass_points"))
     if key in resolved:
         return f"same as {resolved[key]}"
     resolved[key] = r.name
@@ -229,7 +229,7 @@ def run_workload(
                 r.error = why
     warm = dataclasses.replace(w, steps=3)
     values: dict[str, np.ndarray] = {}
-    resolved: dict[tuple[Any, Any], str] = {}  # (strategy, tile points) -> first contender
+    resolved: dict[tuple[Any, ...], str] = {}  # (strategy, tile, pass points) -> first contender
     checked: set[str] = set()
     with measure.ForeignLoad() as load:
         for rep in range(-1, repeats):  # -1: untimed warm-up on a 3×3 grid

@@ -167,11 +167,13 @@ def _fmt(x: float | None, spec: str) -> str:
 
 
 def _resolved(c: ContenderResult) -> str:
-    """``strategy/tile_points [tile shape]`` as the engine reported them."""
+    """``strategy/tile_points·pass_points [tile shape]`` as the engine reported them (the pass
+    only where it is smaller than the tile)."""
     if "strategy" not in c.info:
         return ""
     shape = c.info.get("tile_shape")
-    text = f"{c.info['strategy']}/{c.info.get('tile_points', '?')}"
+    tile, passes = c.info.get("tile_points", "?"), c.info.get("pass_points")
+    text = f"{c.info['strategy']}/{tile}" + (f"·{passes}" if passes not in (None, tile) and c.info["strategy"] != "loop" else "")
     return text + (f" [{'×'.join(map(str, shape))}]" if shape else "")
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
@@ -61,12 +62,31 @@ class SweepCallback(Callback):
         (sweep_dir / SWEEP_RUN_FILE).write_text(self.run_id + "\n")
         os.environ[ENV_SWEEP_RUN] = self.run_id
 
+    def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
+        """A failed job fails the sweep's parent run at once: Hydra stops the sweep after a
+        failure without calling ``on_multirun_end``, which would otherwise leave it RUNNING."""
+        if job_return.status != JobStatus.FAILED:
+            return
+        run_id = sweep_run_id()
+        if run_id is None:
+            return
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient()
+        err = job_return._return_value  # the exception; .return_value would re-raise it
+        overrides = " ".join(job_return.overrides or [])
+        client.set_tag(run_id, "landscapes.failed_job", f"{overrides}: {type(err).__name__}: {err}"[:5000])
+        client.set_terminated(run_id, "FAILED")
+
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         from mlflow.tracking import MlflowClient
 
         from pipelines import compare
 
         if self.run_id is None:
+            return
+        if MlflowClient().get_run(self.run_id).info.status == "FAILED":  # a job failed (joblib: not raised)
+            os.environ.pop(ENV_SWEEP_RUN, None)
             return
         status = "FINISHED"
         try:

@@ -103,3 +103,18 @@ def test_compare_cli(sweep, tmp_path: Path) -> None:
     assert (out / "summary.csv").exists()
     assert any(p.name.startswith("loss") and "comparison" in p.name for p in out.glob("*.png"))
     assert {row["run_id"] for row in summary_rows(project, compare, tmp_path / "dl")} == set(ids)
+
+
+def test_a_failed_job_fails_the_sweep_parent(project: Project) -> None:
+    """Hydra stops a sweep at a failed job without on_multirun_end: the parent must not stay RUNNING."""
+    good, missing = project.checkpoint(2), project.root / "no_such_checkpoint.pt"
+    proc = project.cli("pipelines.run", "-m", "debug=default", f"checkpoint.path={good},{missing}", check=False)
+    assert proc.returncode != 0
+    assert "no_such_checkpoint.pt" in proc.stderr
+    (parent,) = project.search("tags.`landscapes.kind` = 'sweep'")
+    assert parent.info.status == "FAILED"
+    failed = parent.data.tags["landscapes.failed_job"]
+    assert "no_such_checkpoint.pt" in failed and "CheckpointNotFoundError" in failed
+    runs = project.children(parent.info.run_id, "pipeline")
+    finished = [r for r in runs if r.info.status == "FINISHED"]
+    assert [Path(r.data.tags["landscapes.checkpoint"]).name for r in finished] == ["epoch_002.pt"]

@@ -113,7 +113,7 @@ class EngineContender:
         meta = dict(getattr(land, "metadata", {}) or {})
         info = {
             k: meta[k]
-            for k in ("strategy", "tile_points", "pass_points", "tile_shape", "strategy_reason")
+            for k in ("strategy", "tile_points", "pass_points", "tile_shape", "strategy_reason", "memory_budget")
             if k in meta
         }
         if caught:

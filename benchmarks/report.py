@@ -25,6 +25,8 @@ __all__ = [
 LOSS_LANDSCAPES = "loss-landscapes 3.0.6"
 LOOP = "per-point loop"
 DEFAULT = "engine default"
+#: The size of the W-GPU target: a 51×51 grid over CIFAR-10's 50,000 training images.
+GPU_FULL_STEPS, GPU_FULL_IMAGES = 51, 50_000
 
 
 def max_relative_difference(values: np.ndarray, reference: np.ndarray) -> float:
@@ -144,6 +146,38 @@ def check_targets(w: WorkloadResult) -> list[dict[str, Any]]:
                 f"default {default.median_s:.2f} s, loop {loop.median_s:.2f} s"
                 if ok
                 else "missing",
+            )
+        )
+    if base == "W-GPU-resnet56-bf16":
+        full = w.steps == GPU_FULL_STEPS and w.samples == GPU_FULL_IMAGES
+        ok = default is not None
+        out.append(
+            _target(
+                f"{GPU_FULL_STEPS}×{GPU_FULL_STEPS} grid over {GPU_FULL_IMAGES:,} images in bf16 under 3 minutes",
+                default.median_s < 180 if ok and full else None,
+                (f"default {default.median_s:.1f} s" if ok else "missing")
+                + ("" if full else f" (at {w.steps}×{w.steps} and {w.samples:,} images: not the target's size)"),
+            )
+        )
+    if base in ("W-MLP-a-cuda", "W-MLP-b-cuda"):
+        ok = default is not None and loop is not None
+        out.append(
+            _target(
+                "default ≥ 20× the per-point loop on the same GPU",
+                loop.median_s / default.median_s >= 20 if ok else None,
+                f"{loop.median_s / default.median_s:.1f}×" if ok else "missing",
+            )
+        )
+    budgets = [(c, c.info.get("memory_budget")) for c in engines]
+    if budgets and all(b for _, b in budgets):
+        over = [c.name for c, b in budgets if max(c.peak_bytes) > b]
+        out.append(
+            _target(
+                "peak memory within the engine's memory budget in every run",
+                not over,
+                f"over: {', '.join(over)}" if over
+                else f"largest {max(max(c.peak_bytes) for c, _ in budgets) / 2**20:.0f} MiB, "
+                f"smallest budget {min(b for _, b in budgets) / 2**20:.0f} MiB",
             )
         )
     diffs = [c.max_rel_diff_vs_loop for c in engines if c.max_rel_diff_vs_loop is not None]

@@ -138,10 +138,11 @@ def _along(model: Model, metric: Metric, basis: list, coords: np.ndarray, *, str
     zeros = {n: torch.zeros_like(p) for n, p in _root(model).named_parameters()}
     ev = Evaluator(model, metric, basis, origin=zeros, strategy=strategy)
     values = [np.empty(len(coords)) for _ in ev.metric_names]
-    for start in range(0, len(coords), ev.tile_points):
-        out = ev.evaluate_points(coords[start : start + ev.tile_points])
-        for v, name in zip(values, ev.metric_names, strict=True):
-            v[start : start + len(out[name])] = out[name]
+    with ev.hold_memory():
+        for start in range(0, len(coords), ev.tile_points):
+            out = ev.evaluate_points(coords[start : start + ev.tile_points])
+            for v, name in zip(values, ev.metric_names, strict=True):
+                v[start : start + len(out[name])] = out[name]
     return _stack(metric, values)
 
 

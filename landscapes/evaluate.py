@@ -1,13 +1,14 @@
 """The evaluation engine: a tile of grid points at a time, with one of three strategies.
 
-- ``"batched"``: hand-batched ``nn.Sequential`` MLPs (one ``baddbmm`` per layer for the whole
-  tile, the first layer by linearity); see :mod:`landscapes.batched`.
+- ``"batched"``: hand-batched ``nn.Sequential`` MLPs (one ``baddbmm`` per layer for a pass
+  of points, the first layer by linearity; on a CPU, when one point's activations outgrow the
+  caches, passes of one point with reused buffers); see :mod:`landscapes.batched`.
 - ``"vmap"``: ``torch.func.functional_call`` under ``torch.func.vmap`` over the tile.
 - ``"loop"``: one point after another, each point's parameters written into the model
   (computed from θ0 directly, never by stepping) and restored afterwards.
 
 Every strategy shares each data batch across the tile's points, and computes every point as
-``origin + Σ cᵢ·basisᵢ`` in one matrix product per tile.
+``origin + Σ cᵢ·basisᵢ`` from scratch, one matrix product per chunk of the tile.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from landscapes import batched
+from landscapes import allocator, batched
 from landscapes._checks import check_choice, check_positive_int
 from landscapes.errors import (
     ConfigurationError,
@@ -287,13 +288,21 @@ class Evaluator:
             self._act_bytes = self._measure_activations()
         return self._act_bytes
 
+    def hold_memory(self) -> contextlib.AbstractContextManager[None]:
+        """On a CPU, keep freed activations for reuse while evaluating (see
+        :mod:`landscapes.allocator`); hold it around many tiles to hold once."""
+        if self.device.type != "cpu" or not allocator.holds_freed_memory():
+            return contextlib.nullcontext()
+        self._activation_bytes()
+        return allocator.hold_freed_memory(self.memory_budget, self._largest_bytes)
+
     def _output_bytes(self) -> int:
         """Bytes of the model's output for one point on the first batch (measured once)."""
         self._activation_bytes()
         return self._out_bytes
 
     def _measure_activations(self) -> int:
-        self._out_bytes = 0
+        self._out_bytes = self._largest_bytes = 0
         batch = self._probe_batch()
         if batch is None:
             return 0
@@ -301,13 +310,15 @@ class Evaluator:
 
         def hook(_mod: nn.Module, _inp: Any, out: Any) -> None:
             if isinstance(out, torch.Tensor):
-                total[0] += out.numel() * out.element_size()
+                size = out.numel() * out.element_size()
+                total[0] += size
+                self._largest_bytes = max(self._largest_bytes, size)
 
         leaves = [m for m in self.root.modules() if not any(True for _ in m.children())]
         handles = [m.register_forward_hook(hook) for m in leaves]
         try:
             with self._model_state(), torch.no_grad():
-                out = self.root(batch[0].clone())
+                out = self.wrapper.forward(batch[0].clone())
             if isinstance(out, torch.Tensor):
                 self._out_bytes = out.numel() * out.element_size()
         finally:
@@ -343,7 +354,7 @@ class Evaluator:
         m = c.shape[0]
         results: dict[str, np.ndarray] = {}
         writes = self.strategy == "loop" or bool(self.custom_metrics)  # batched and vmap only read it
-        with self._model_state(writes), torch.no_grad():
+        with self.hold_memory(), self._model_state(writes), torch.no_grad():
             for group in self._groups:
                 totals = torch.zeros(len(group), m, dtype=torch.float64)
                 weights = [0.0] * len(group)
@@ -491,6 +502,7 @@ class Evaluator:
             "device": str(self.device),
             "dtype": str(self.dtype).replace("torch.", ""),
             "model_mode": self.model_mode,
+            "cpu_allocator": "holds freed memory" if self.device.type == "cpu" and allocator.holds_freed_memory() else "system",
             "num_parameters": self.space.numel,
             "num_directions": self.k,
             "metrics": list(self.metric_names),
@@ -555,19 +567,20 @@ def evaluate(
     tiles = grid.tiles(tile_shape)
     bar = _progress(grid.size, progress)
     try:
-        for tile in tiles:
-            try:
-                out = evaluator.evaluate_tile(grid, tile)
-            except (ConfigurationError, ShapeMismatchError):
-                raise
-            except Exception as err:
-                raise EvaluationError(
-                    f"evaluate: tile {tile.index} (grid indices {[(s.start, s.stop) for s in tile.slices]}) "
-                    f"failed: {type(err).__name__}: {err}"
-                ) from err
-            for name, block in out.items():
-                values[name][tile.slices] = block
-            bar(tile.size)
+        with evaluator.hold_memory():
+            for tile in tiles:
+                try:
+                    out = evaluator.evaluate_tile(grid, tile)
+                except (ConfigurationError, ShapeMismatchError):
+                    raise
+                except Exception as err:
+                    raise EvaluationError(
+                        f"evaluate: tile {tile.index} (grid indices {[(s.start, s.stop) for s in tile.slices]}) "
+                        f"failed: {type(err).__name__}: {err}"
+                    ) from err
+                for name, block in out.items():
+                    values[name][tile.slices] = block
+                bar(tile.size)
     finally:
         bar(None)
     meta = evaluator.describe()

@@ -76,21 +76,22 @@ class LocalBackend:
         bar = _bar(store, tiles, progress)
         done = 0
         try:
-            for tile in tiles:
-                try:
-                    values = evaluator.evaluate_tile(store.grid, tile)
-                    store.write_tile(tile, values)
-                except _CONFIG_ERRORS:
-                    raise
-                except Exception as err:
-                    raise EvaluationError(
-                        f"evaluate: tile {tile.index} ({_span(tile)}) failed: {_describe(err)}. "
-                        f"{done} tile(s) of this run are kept in {store.path}; fix the cause and "
-                        f"re-run the same command to resume ({len(tiles) - done} tile(s) left)."
-                    ) from err
-                store.mark_done([tile])
-                done += 1
-                bar.update(tile.size)
+            with evaluator.hold_memory():  # freed activations reused across tiles
+                for tile in tiles:
+                    try:
+                        values = evaluator.evaluate_tile(store.grid, tile)
+                        store.write_tile(tile, values)
+                    except _CONFIG_ERRORS:
+                        raise
+                    except Exception as err:
+                        raise EvaluationError(
+                            f"evaluate: tile {tile.index} ({_span(tile)}) failed: {_describe(err)}. "
+                            f"{done} tile(s) of this run are kept in {store.path}; fix the cause and "
+                            f"re-run the same command to resume ({len(tiles) - done} tile(s) left)."
+                        ) from err
+                    store.mark_done([tile])
+                    done += 1
+                    bar.update(tile.size)
         finally:
             bar.close()
         return time.perf_counter() - started

@@ -1,0 +1,48 @@
+"""The benchmark's target checks on given timings, including the GPU ones no CPU run reaches."""
+
+from __future__ import annotations
+
+import pytest
+
+from benchmarks.report import DEFAULT, LOOP, ContenderResult, WorkloadResult
+
+
+def _workload(name: str, steps: int, samples: int, times: dict[str, float], peak: int = 1 << 20, budget: int = 1 << 30) -> WorkloadResult:
+    contenders = []
+    for contender, seconds in times.items():
+        info = {"strategy": "vmap", "memory_budget": budget} if contender.startswith("engine") else {}
+        contenders.append(ContenderResult(contender, times_s=[seconds] * 3, peak_bytes=[peak] * 3, info=info))
+    w = WorkloadResult(name, "", "cuda", "bf16", steps, steps * steps, samples, 10**9, 100.0, 5e-2, contenders)
+    w.finish()
+    return w
+
+
+def _target(w: WorkloadResult, starts: str) -> dict:
+    (t,) = [t for t in w.targets if t["target"].startswith(starts)]
+    return t
+
+
+@pytest.mark.parametrize(
+    ("steps", "images", "seconds", "met"),
+    [(51, 50_000, 150.0, True), (51, 50_000, 200.0, False), (11, 10_000, 5.0, None)],
+)
+def test_gpu_resnet_target_only_judged_at_full_size(steps, images, seconds, met) -> None:
+    w = _workload("W-GPU-resnet56-bf16", steps, images, {DEFAULT: seconds, LOOP: seconds * 30})
+    t = _target(w, "51×51 grid over 50,000 images")
+    assert t["met"] is met
+    assert f"{seconds:.1f} s" in t["detail"]
+
+
+@pytest.mark.parametrize(("loop", "met"), [(10.0, True), (5.0, False)])
+def test_gpu_mlp_target_is_twenty_times_the_loop(loop, met) -> None:
+    w = _workload("W-MLP-a-cuda", 41, 1797, {DEFAULT: 0.4, LOOP: loop})
+    t = _target(w, "default ≥ 20×")
+    assert t["met"] is met and t["detail"] == f"{loop / 0.4:.1f}×"
+
+
+def test_peak_memory_over_the_budget_is_a_missed_target() -> None:
+    fits = _workload("W-CNN", 5, 100, {DEFAULT: 1.0, LOOP: 1.0}, peak=100 << 20, budget=1 << 30)
+    assert _target(fits, "peak memory")["met"] is True
+    over = _workload("W-CNN", 5, 100, {DEFAULT: 1.0, LOOP: 1.0}, peak=2 << 30, budget=1 << 30)
+    t = _target(over, "peak memory")
+    assert t["met"] is False and DEFAULT in t["detail"]

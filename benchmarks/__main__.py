@@ -172,12 +172,12 @@ class Policy:
 
 
 def _timed_run(
-    c: Contender, w: Workload, directions: Any, policy: Policy, log: Callable[[str], None]
+    c: Contender, w: Workload, directions: Any, policy: Policy, log: Callable[[str], None], largest: int | None
 ) -> tuple[Any, measure.Timing, int]:
     """One timed run of ``c``, rerun after a quiet spell when other processes disturbed it."""
     for attempt in range(policy.retries + 1):
         try:
-            out, timing = measure.timed(lambda: c.run(w, directions), w.device)
+            out, timing = measure.timed(lambda: c.run(w, directions), w.device, largest)
         finally:
             _cleanup(w.device)
         if not timing.foreign_load > policy.max_foreign or attempt == policy.retries:
@@ -205,6 +205,7 @@ def run_workload(
     flops = measure.forward_flops(
         w.model, w.inputs, lambda: precision_context(w.precision, w.device)
     )
+    largest = measure.largest_activation(w.model, w.inputs) if w.device.type == "cpu" else None
     result = WorkloadResult(
         w.name,
         w.description,
@@ -245,7 +246,7 @@ def run_workload(
                             r.skipped = _duplicate(r, resolved)
                             checked.add(r.name)
                         continue
-                    out, timing, reruns = _timed_run(c, w, directions, policy, log)
+                    out, timing, reruns = _timed_run(c, w, directions, policy, log, largest)
                     if r.name not in checked:
                         r.info = out.info
                         r.skipped = _duplicate(r, resolved)
@@ -261,6 +262,7 @@ def run_workload(
                 r.times_s.append(timing.seconds)
                 r.cpu_s.append(timing.cpu_seconds)
                 r.peak_bytes.append(timing.peak_bytes)
+                r.minor_faults.append(timing.minor_faults)
                 r.foreign_load.append(timing.foreign_load)
                 r.reruns += reruns
                 if c.same_directions:

@@ -24,8 +24,10 @@ __all__ = [
     "MemoryProbe",
     "Timing",
     "forward_flops",
+    "largest_activation",
     "machine_info",
     "matmul_gflops",
+    "settle_allocator",
     "sync",
     "timed",
     "wait_for_quiet",
@@ -59,6 +61,56 @@ def _malloc_trim() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc
         pass
+
+
+_GLIBC_MMAP_MIN, _GLIBC_MMAP_MAX = 128 << 10, 32 << 20
+
+
+def settle_allocator(largest_block: int) -> None:
+    """Put glibc's mmap and trim thresholds where a fresh process running this workload has
+    them after its first point: glibc raises the mmap threshold to the largest block freed
+    (at most 32 MiB) and the trim threshold to twice that.
+
+    The thresholds are process-wide, and a contender that changes them (the engine holds freed
+    memory while it evaluates) would otherwise change them for the contenders after it. Set
+    before every call, each contender runs as if in a process of its own.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    except (OSError, AttributeError):  # not glibc
+        return
+    threshold = int(min(max(largest_block, _GLIBC_MMAP_MIN), _GLIBC_MMAP_MAX))
+    libc.mallopt(-3, threshold)  # M_MMAP_THRESHOLD
+    libc.mallopt(-1, 2 * threshold)  # M_TRIM_THRESHOLD
+
+
+def largest_activation(model: torch.nn.Module, inputs: torch.Tensor) -> int:
+    """Bytes of the largest output of any leaf module in one forward of ``model`` on ``inputs``."""
+    largest = [inputs.numel() * inputs.element_size()]
+
+    def hook(_m: torch.nn.Module, _i: object, out: object) -> None:
+        if isinstance(out, torch.Tensor):
+            largest[0] = max(largest[0], out.numel() * out.element_size())
+
+    leaves = [m for m in model.modules() if not any(True for _ in m.children())]
+    handles = [m.register_forward_hook(hook) for m in leaves]
+    try:
+        with torch.no_grad():
+            model(inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    return largest[0]
+
+
+def _minor_faults() -> int:
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    except ImportError:  # not POSIX
+        return 0
 
 
 class MemoryProbe:
@@ -158,18 +210,23 @@ class Timing:
     cpu_seconds: float  # CPU time of this process (all threads)
     peak_bytes: int
     foreign_load: float  # share of the CPUs other processes used meanwhile (see ForeignLoad)
+    minor_faults: int = 0  # page faults served without I/O: mostly memory the kernel had to zero
 
 
-def timed(fn: Callable[[], T], device: torch.device) -> tuple[T, Timing]:
+def timed(fn: Callable[[], T], device: torch.device, largest_block: int | None = None) -> tuple[T, Timing]:
     """Call ``fn`` once; return its result with wall time (device-synchronized), process CPU
-    time, peak memory and how busy other processes kept the CPUs meanwhile."""
+    time, peak memory, minor page faults and how busy other processes kept the CPUs meanwhile.
+    With ``largest_block``, glibc's thresholds are first settled (:func:`settle_allocator`)."""
     sync(device)
+    if largest_block is not None:
+        settle_allocator(largest_block)
     with MemoryProbe(device) as probe, ForeignLoad() as load:
-        cpu, start = time.process_time(), time.perf_counter()
+        faults, cpu, start = _minor_faults(), time.process_time(), time.perf_counter()
         result = fn()
         sync(device)
         seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
-    return result, Timing(seconds, cpu, probe.peak_bytes, load.fraction)
+        faults = _minor_faults() - faults
+    return result, Timing(seconds, cpu, probe.peak_bytes, load.fraction, faults)
 
 
 def forward_flops(

@@ -44,6 +44,7 @@ class ContenderResult:
     name: str
     times_s: list[float] = field(default_factory=list)
     peak_bytes: list[int] = field(default_factory=list)
+    minor_faults: list[int] = field(default_factory=list)
     info: dict[str, Any] = field(default_factory=dict)
     cpu_s: list[float] = field(default_factory=list)
     foreign_load: list[float] = field(default_factory=list)
@@ -55,6 +56,7 @@ class ContenderResult:
     vs_loss_landscapes: float = math.nan
     matmul_fraction: float = math.nan
     peak_mib: float = math.nan
+    faults_per_point: float = math.nan  # median minor page faults per grid point
     max_rel_diff_vs_loop: float | None = None
 
     @property
@@ -95,6 +97,8 @@ class WorkloadResult:
                     self.flops_per_point * self.points / c.median_s / (self.peak_gflops * 1e9)
                 )
                 c.peak_mib = max(c.peak_bytes) / 2**20
+                if c.minor_faults:
+                    c.faults_per_point = statistics.median(c.minor_faults) / self.points
         ref = self.by_name(LOSS_LANDSCAPES)
         for c in self.contenders:
             if ref is not None and c.ok:
@@ -228,6 +232,7 @@ def format_table(results: list[WorkloadResult], header: dict[str, Any]) -> str:
         "× LL",
         "% matmul",
         "peak MiB",
+        "faults/pt",
         "rel diff",
         "reruns",
     )
@@ -249,7 +254,7 @@ def format_table(results: list[WorkloadResult], header: dict[str, Any]) -> str:
             resolved = _resolved(c)
             if c.error or c.skipped:
                 why = f"error: {c.error}" if c.error else str(c.skipped)
-                rows.append((c.name, why[:40], "", "", "", "", "", "", ""))
+                rows.append((c.name, why[:40], "", "", "", "", "", "", "", ""))
                 continue
             rows.append(
                 (
@@ -260,6 +265,7 @@ def format_table(results: list[WorkloadResult], header: dict[str, Any]) -> str:
                     _fmt(c.vs_loss_landscapes, ".2f"),
                     _fmt(c.matmul_fraction * 100, ".1f"),
                     _fmt(c.peak_mib, ",.1f"),
+                    _fmt(c.faults_per_point, ",.0f"),
                     _fmt(c.max_rel_diff_vs_loop, ".1e"),
                     str(c.reruns),
                 )
@@ -300,18 +306,18 @@ def format_markdown(results: list[WorkloadResult]) -> str:
             f"**{w.name}**: {w.description}; {w.steps}×{w.steps} grid on {w.device} "
             f"({w.precision}); {w.flops_per_point / 1e6:,.1f} MFLOP per point.",
             "",
-            "| contender | resolved | median s | points/s | × LL | % matmul | peak MiB | rel diff |",
-            "|---|---|--:|--:|--:|--:|--:|--:|",
+            "| contender | resolved | median s | points/s | × LL | % matmul | peak MiB | faults/pt | rel diff |",
+            "|---|---|--:|--:|--:|--:|--:|--:|--:|",
         ]
         for c in w.contenders:
             if c.error or c.skipped:
-                out.append(f"| {c.name} | {c.error or c.skipped} | | | | | | |")
+                out.append(f"| {c.name} | {c.error or c.skipped} | | | | | | | |")
                 continue
             resolved = _resolved(c)
             out.append(
                 f"| {c.name} | {resolved} | {_fmt(c.median_s, '.3f')} | {_fmt(c.points_per_s, ',.0f')}"
                 f" | {_fmt(c.vs_loss_landscapes, '.2f')} | {_fmt(c.matmul_fraction * 100, '.1f')}"
-                f" | {_fmt(c.peak_mib, ',.1f')} | {_fmt(c.max_rel_diff_vs_loop, '.1e')} |"
+                f" | {_fmt(c.peak_mib, ',.1f')} | {_fmt(c.faults_per_point, ',.0f')} | {_fmt(c.max_rel_diff_vs_loop, '.1e')} |"
             )
         out.append("")
         for t in w.targets:

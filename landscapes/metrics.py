@@ -155,6 +155,11 @@ class Loss(DatasetMetric):
         if type(fn) is nn.CrossEntropyLoss and fn.weight is None and outputs.dim() == 3 and target.dim() == 1:
             if bool((target == fn.ignore_index).any()):
                 return None  # the mean is over non-ignored targets: leave it to loss_fn
+            if fn.label_smoothing == 0:
+                # logsumexp − the target's logit: 4× faster than cross_entropy's log_softmax
+                # over many short rows (W-MLP: 64 points × 1797 samples × 10 classes)
+                picked = outputs.gather(-1, target.view(1, -1, 1).expand(m, -1, 1)).squeeze(-1)
+                return (torch.logsumexp(outputs, dim=-1) - picked).double().mean(dim=1)
             flat = outputs.reshape(-1, outputs.shape[-1])
             per = F.cross_entropy(
                 flat, target.repeat(m), reduction="none", ignore_index=fn.ignore_index,

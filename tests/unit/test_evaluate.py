@@ -289,3 +289,17 @@ class _nothing:
 
     def __exit__(self, *exc):
         return False
+
+
+@pytest.mark.parametrize(
+    "loss_fn",
+    [nn.CrossEntropyLoss(), nn.CrossEntropyLoss(label_smoothing=0.1), nn.CrossEntropyLoss(ignore_index=1)],
+    ids=["plain", "label-smoothing", "ignore-index"],
+)
+def test_batched_cross_entropy_paths_equal_the_loss_function(mlp, data, loss_fn) -> None:
+    """Each shortcut of Loss for many points at once equals ``loss_fn`` called point by point."""
+    x, y = data
+    dirs, axes = _dirs(mlp), [L.axis(-1, 1, 4), L.axis(-1, 1, 3)]
+    fast = L.evaluate(mlp, L.Loss(loss_fn, x, y), dirs, axes, strategy="batched")
+    want = landscape_reference(mlp, loss_fn, x, y, dirs, axes)
+    np.testing.assert_allclose(fast["loss"], want, rtol=RTOL)

@@ -63,26 +63,17 @@ def _malloc_trim() -> None:
         pass
 
 
-_GLIBC_MMAP_MIN, _GLIBC_MMAP_MAX = 128 << 10, 32 << 20
-
-
 def settle_allocator(largest_block: int) -> None:
     """Put glibc's mmap and trim thresholds where a fresh process running this workload has
-    them after its first point: glibc raises the mmap threshold to the largest block freed
-    (at most 32 MiB) and the trim threshold to twice that.
+    them after its first point (:func:`landscapes.allocator.settle_thresholds`).
 
     The thresholds are process-wide, and a contender that changes them (the engine holds freed
     memory while it evaluates) would otherwise change them for the contenders after it. Set
     before every call, each contender runs as if in a process of its own.
     """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    except (OSError, AttributeError):  # not glibc
-        return
-    threshold = int(min(max(largest_block, _GLIBC_MMAP_MIN), _GLIBC_MMAP_MAX))
-    libc.mallopt(-3, threshold)  # M_MMAP_THRESHOLD
-    libc.mallopt(-1, 2 * threshold)  # M_TRIM_THRESHOLD
+    from landscapes.allocator import settle_thresholds
+
+    settle_thresholds(largest_block)
 
 
 def largest_activation(model: torch.nn.Module, inputs: torch.Tensor) -> int:

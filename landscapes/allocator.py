@@ -29,7 +29,7 @@ import sys
 import threading
 from collections.abc import Iterator
 
-__all__ = ["hold_freed_memory", "holds_freed_memory"]
+__all__ = ["hold_freed_memory", "holds_freed_memory", "settle_thresholds"]
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 _GLIBC_MIN, _GLIBC_MAX = 128 << 10, 32 << 20  # glibc's dynamic mmap threshold: start, ceiling
@@ -52,6 +52,18 @@ def _libc() -> ctypes.CDLL | None:
 def holds_freed_memory() -> bool:
     """Whether :func:`hold_freed_memory` acts on this platform and with this environment."""
     return _libc() is not None and os.environ.get(ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def settle_thresholds(largest_block: int) -> None:
+    """Set glibc's mmap and trim thresholds where its own rule puts them once a block of
+    ``largest_block`` bytes has been freed: that size (within 128 KiB–32 MiB), and twice that.
+    Does nothing without glibc (and regardless of ``LANDSCAPES_HOLD_FREED_MEMORY``)."""
+    libc = _libc()
+    if libc is None:
+        return
+    threshold = int(min(max(largest_block, _GLIBC_MIN), _GLIBC_MAX))
+    libc.mallopt(_M_MMAP_THRESHOLD, threshold)
+    libc.mallopt(_M_TRIM_THRESHOLD, 2 * threshold)
 
 
 _lock = threading.Lock()
@@ -85,8 +97,6 @@ def hold_freed_memory(budget: int, largest_block: int) -> Iterator[None]:
         with _lock:
             _depth[0] -= 1
             if _depth[0] == 0:
-                after = int(min(max(_largest[0], _GLIBC_MIN), _GLIBC_MAX))
+                settle_thresholds(_largest[0])
                 _largest[0] = 0
-                libc.mallopt(_M_MMAP_THRESHOLD, after)
-                libc.mallopt(_M_TRIM_THRESHOLD, 2 * after)
                 libc.malloc_trim(0)

@@ -55,6 +55,8 @@ CPU_BATCHED_MAX_POINTS = 64
 #: Above this many bytes of activations per point, batched tiles on a CPU run one point per pass
 #: (W-MLP on all 1797 samples, 3.7 MiB per point: one point at a time was faster; on 128: 64).
 CPU_BATCHED_MAX_POINT_BYTES = 1 << 20
+#: Points whose parameters the loop (and one-point batched passes) compute together.
+CHUNK_POINTS = 64
 _TRAIN_ONLY = (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd)
 
 DirectionLike = Mapping[str, torch.Tensor] | torch.Tensor | np.ndarray
@@ -291,10 +293,13 @@ class Evaluator:
     def hold_memory(self) -> contextlib.AbstractContextManager[None]:
         """On a CPU, keep freed activations for reuse while evaluating (see
         :mod:`landscapes.allocator`); hold it around many tiles to hold once."""
-        if self.device.type != "cpu" or not allocator.holds_freed_memory():
+        if not self._holds_memory():
             return contextlib.nullcontext()
         self._activation_bytes()
         return allocator.hold_freed_memory(self.memory_budget, self._largest_bytes)
+
+    def _holds_memory(self) -> bool:
+        return self.device.type == "cpu" and allocator.holds_freed_memory()
 
     def _output_bytes(self) -> int:
         """Bytes of the model's output for one point on the first batch (measured once)."""
@@ -404,8 +409,8 @@ class Evaluator:
         if self.pass_points > 1:
             return self.pass_points
         if self.strategy == "batched":
-            return _fit(CPU_BATCHED_TILE_BYTES, self._output_bytes(), CPU_BATCHED_MAX_POINTS)
-        return CPU_BATCHED_MAX_POINTS
+            return _fit(CPU_BATCHED_TILE_BYTES, self._output_bytes(), CHUNK_POINTS)
+        return CHUNK_POINTS
 
     def _vmap_forward(self, x: Any, thetas: torch.Tensor) -> torch.Tensor:
         params = self.space.unflatten(thetas)
@@ -502,7 +507,7 @@ class Evaluator:
             "device": str(self.device),
             "dtype": str(self.dtype).replace("torch.", ""),
             "model_mode": self.model_mode,
-            "cpu_allocator": "holds freed memory" if self.device.type == "cpu" and allocator.holds_freed_memory() else "system",
+            "cpu_allocator": "holds freed memory" if self._holds_memory() else "system",
             "num_parameters": self.space.numel,
             "num_directions": self.k,
             "metrics": list(self.metric_names),

@@ -41,6 +41,7 @@ from landscapes.errors import ConfigurationError, EvaluationError, ShapeMismatch
 from landscapes.evaluate import Evaluator
 from landscapes.grid import Tile
 from landscapes.store import LandscapeStore
+from pipelines.config import ComputeConfig
 
 __all__ = ["Backend", "LocalBackend", "DaskBackend", "make_backend", "EvaluatorPlugin"]
 
@@ -500,15 +501,14 @@ def _bar(store: LandscapeStore, tiles: Sequence[Tile], enabled: bool):
     )
 
 
-def make_backend(compute_cfg: Mapping[str, Any]) -> Backend:
+def make_backend(compute_cfg: ComputeConfig) -> Backend:
     """The backend named by ``compute.backend``: ``local`` or ``dask``.
 
     Raises:
         ConfigurationError: an unknown backend, or ``compute.scheduler`` set without
             ``compute.backend=dask``.
     """
-    backend = str(compute_cfg.get("backend", "local"))
-    scheduler = compute_cfg.get("scheduler")
+    backend, scheduler = str(compute_cfg.backend), compute_cfg.scheduler
     if backend == "local":
         if scheduler:
             raise ConfigurationError(
@@ -517,16 +517,16 @@ def make_backend(compute_cfg: Mapping[str, Any]) -> Backend:
             )
         return LocalBackend()
     if backend == "dask":
-        device = str(compute_cfg.get("device", "cpu"))
+        device = str(compute_cfg.device)
         if device == "auto":
             import torch
 
             device = "cuda" if torch.cuda.is_available() else "cpu"
         return DaskBackend(
-            workers=compute_cfg.get("workers", 2), threads_per_worker=compute_cfg.get("threads_per_worker", 1),
+            workers=compute_cfg.workers, threads_per_worker=compute_cfg.threads_per_worker,
             scheduler=scheduler, device=device,
             connect_timeout=float(
-                compute_cfg.get("connect_timeout") or os.environ.get("LANDSCAPES_DASK_CONNECT_TIMEOUT") or CONNECT_TIMEOUT
+                compute_cfg.connect_timeout or os.environ.get("LANDSCAPES_DASK_CONNECT_TIMEOUT") or CONNECT_TIMEOUT
             ),
         )
     raise ConfigurationError(f"compute.backend={backend!r} is not a backend; choose local or dask.")

@@ -1,4 +1,4 @@
-"""Build library objects (model, data, metrics, grid axes) from resolved config sections."""
+"""Build library objects (model, data, metrics, grid axes) from the typed config sections."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 import landscapes as L
 from landscapes.checkpoints import load_into, load_state_dict
 from landscapes.errors import ConfigurationError
+from pipelines.config import DataConfig, GridConfig, MetricsConfig, PipelineConfig
 
 
 def build_model(model_cfg: Mapping[str, Any]) -> nn.Module:
@@ -44,23 +45,23 @@ def load_model(model_cfg: Mapping[str, Any], checkpoint: Path, *, trust_pickle: 
     return model.eval()
 
 
-def check_data_config(data_cfg: Mapping[str, Any]) -> None:
+def check_data_config(data_cfg: DataConfig) -> None:
     """Refuse bad ``data.limit`` / ``data.batch_size`` before anything is computed."""
     for key in ("limit", "batch_size"):
-        value = data_cfg.get(key)
+        value = getattr(data_cfg, key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise ConfigurationError(f"data.{key}={value!r}: give a positive integer or null.")
 
 
-def build_dataset(data_cfg: Mapping[str, Any]) -> Dataset:
+def build_dataset(data_cfg: DataConfig) -> Dataset:
     check_data_config(data_cfg)
-    dataset_cfg = data_cfg.get("dataset") or {}
+    dataset_cfg = data_cfg.dataset or {}
     if "_target_" not in dataset_cfg:
         raise ConfigurationError(
             "data.dataset._target_ is missing: name a function or class returning a torch Dataset."
         )
     dataset = instantiate(dict(dataset_cfg))
-    limit = data_cfg.get("limit")
+    limit = data_cfg.limit
     if limit is not None:
         dataset = Subset(dataset, range(min(int(limit), len(dataset))))
     if len(dataset) == 0:
@@ -68,10 +69,10 @@ def build_dataset(data_cfg: Mapping[str, Any]) -> Dataset:
     return dataset
 
 
-def build_data(data_cfg: Mapping[str, Any]) -> tuple[Any, Any]:
+def build_data(data_cfg: DataConfig) -> tuple[Any, Any]:
     """``(inputs, target)`` of one batch when ``batch_size`` is null, else ``(DataLoader, None)``."""
     dataset = build_dataset(data_cfg)
-    batch_size = data_cfg.get("batch_size")
+    batch_size = data_cfg.batch_size
     if batch_size is None:
         if isinstance(dataset, TensorDataset):
             x, y = dataset.tensors[:2]
@@ -81,37 +82,37 @@ def build_data(data_cfg: Mapping[str, Any]) -> tuple[Any, Any]:
     return DataLoader(dataset, batch_size=int(batch_size), shuffle=False), None
 
 
-def build_metrics(metrics_cfg: Mapping[str, Any], data: tuple[Any, Any]) -> list[L.Metric]:
+def build_metrics(metrics_cfg: MetricsConfig, data: tuple[Any, Any]) -> list[L.Metric]:
     """``Loss`` (named "loss") and, if enabled, ``Accuracy`` on the same data: one forward pass."""
     inputs, target = data
-    loss_cfg = metrics_cfg.get("loss")
+    loss_cfg = metrics_cfg.loss
     if not loss_cfg or "_target_" not in loss_cfg:
         raise ConfigurationError("metrics.loss._target_ is missing, e.g. torch.nn.CrossEntropyLoss.")
     metrics: list[L.Metric] = [L.Loss(instantiate(dict(loss_cfg)), inputs, target, name="loss")]
-    if metrics_cfg.get("accuracy", True):
+    if metrics_cfg.accuracy:
         metrics.append(L.Accuracy(inputs, target, name="accuracy"))
     return metrics
 
 
-def metric_names(metrics_cfg: Mapping[str, Any]) -> list[str]:
-    return ["loss", "accuracy"] if metrics_cfg.get("accuracy", True) else ["loss"]
+def metric_names(metrics_cfg: MetricsConfig) -> list[str]:
+    return ["loss", "accuracy"] if metrics_cfg.accuracy else ["loss"]
 
 
-def grid_axes(grid_cfg: Mapping[str, Any]) -> list[np.ndarray]:
+def grid_axes(grid_cfg: GridConfig) -> list[np.ndarray]:
     """One coordinate array per axis from ``grid.dims``, ``grid.steps`` and ``grid.range``."""
-    dims = grid_cfg.get("dims", 2)
+    dims = grid_cfg.dims
     if dims not in (1, 2):
         raise ConfigurationError(f"grid.dims={dims}: the pipeline computes lines (1) or planes (2).")
-    steps = grid_cfg.get("steps")
+    steps = grid_cfg.steps
     steps = list(steps) if isinstance(steps, (list, tuple)) else [steps] * dims
-    rng = grid_cfg.get("range")
+    rng = grid_cfg.range
     if isinstance(rng, (list, tuple)) and rng and isinstance(rng[0], (list, tuple)):
         ranges = [list(r) for r in rng]
     else:
         ranges = [list(rng)] * dims
     if len(steps) != dims or len(ranges) != dims:
         raise ConfigurationError(
-            f"grid: dims={dims} but steps={grid_cfg.get('steps')} and range={grid_cfg.get('range')}; "
+            f"grid: dims={dims} but steps={grid_cfg.steps} and range={grid_cfg.range}; "
             "give one value (or pair) for all axes, or one per axis."
         )
     axes = []
@@ -145,4 +146,18 @@ def as_device(device: str) -> str:
         )
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
+    return str(device)
+
+
+def check_config(cfg: PipelineConfig) -> None:
+    """Refuse config mistakes before any stage runs (the grid, data, device, directions)."""
+    axes = grid_axes(cfg.grid)
+    check_data_config(cfg.data)
+    as_device(cfg.compute.device)
+    towards = cfg.directions.towards or []
+    if cfg.directions.kind == "checkpoints" and len(towards) != len(axes):
+        n = len(axes)
+        raise ConfigurationError(
+            f"directions.towards has {len(towards)} checkpoint(s) but grid.dims={n}; give {n} "
+            f"checkpoint(s) to move towards (directions.towards=[a.pt{', b.pt' if n == 2 else ''}])."
+        )

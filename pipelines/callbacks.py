@@ -81,7 +81,7 @@ class SweepCallback(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         from mlflow.tracking import MlflowClient
 
-        from pipelines import compare
+        from pipelines import comparison
 
         if self.run_id is None:
             return
@@ -91,10 +91,10 @@ class SweepCallback(Callback):
         status = "FINISHED"
         try:
             if OmegaConf.select(config, "compare", default=True):
-                runs = compare.pipeline_runs(experiment_id=self.experiment_id, parent_run_id=self.run_id)
+                runs = comparison.pipeline_runs(experiment_id=self.experiment_id, parent_run_id=self.run_id)
                 if len(runs) >= 2:
                     out = Path(str(OmegaConf.select(config, "hydra.sweep.dir"))) / "compare"
-                    result = compare.compare(runs, out_dir=out, experiment_id=self.experiment_id, parent_run_id=self.run_id,
+                    result = comparison.compare(runs, out_dir=out, experiment_id=self.experiment_id, parent_run_id=self.run_id,
                                              log=bool(OmegaConf.select(config, "plot.log", default=True)))
                     print(f"compared {len(runs)} landscapes: {out} (MLflow run {result.run_id})")
         except Exception:

@@ -1,107 +1,23 @@
-"""The compare stage: line up finished landscapes across checkpoints and training runs.
+"""``python -m pipelines.compare``: compare finished landscapes across checkpoints and runs.
 
-``python -m pipelines.compare --runs ID [ID ...]`` or ``--experiment NAME [--filter "..."]``.
-Writes side-by-side panels on one colour scale, difference maps when the grids match,
-overlaid curves for lines, and a table of the summary metrics, all logged as a comparison run.
+``python -m pipelines.compare --runs ID [ID ...]`` or ``--experiment NAME [--filter "..."]``;
+the work is `pipelines.comparison.compare`.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
-import os
-from dataclasses import dataclass
+import time
 from pathlib import Path
 
-import mlflow
-from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
-from landscapes import plots
 from landscapes.errors import ConfigurationError
-from landscapes.store import LandscapeStore
 from pipelines import tracking
-from pipelines.pipeline import PROJECT_ROOT
+from pipelines.comparison import CompareOutputs, compare, pipeline_runs
+from pipelines.paths import project_root
 
-SUMMARY_KEYS = ("loss_at_theta0", "accuracy_at_theta0", "loss_min", "loss_max", "sharpness_r0.1", "flat_area_tol0.1", "loss_nan_count")
-
-
-@dataclass(frozen=True)
-class CompareOutputs:
-    run_id: str
-    files: tuple[Path, ...]
-    table: Path
-
-
-def pipeline_runs(*, run_ids: list[str] | None = None, experiment_id: str | None = None,
-                  parent_run_id: str | None = None, filter_string: str = "") -> list[Run]:
-    """Finished pipeline runs, by id, by parent (a sweep) or by experiment and filter."""
-    client = MlflowClient()
-    if run_ids:
-        runs = [client.get_run(r) for r in run_ids]
-    else:
-        if experiment_id is None:
-            raise ConfigurationError("compare: give run ids (--runs) or an experiment (--experiment).")
-        clauses = [f"tags.`{tracking.TAG_KIND}` = 'pipeline'", "attributes.status = 'FINISHED'"]
-        if parent_run_id:
-            clauses.append(f"tags.`mlflow.parentRunId` = '{parent_run_id}'")
-        if filter_string:
-            clauses.append(filter_string)
-        runs = client.search_runs([experiment_id], " and ".join(clauses), order_by=["attributes.start_time ASC"])
-    usable = [r for r in runs if r.data.tags.get("landscapes.store")]
-    if len(usable) < 1:
-        raise ConfigurationError(
-            "compare: no finished pipeline run with a landscape store was found; run "
-            "`python -m pipelines.run` first, or check the run ids / filter."
-        )
-    return usable
-
-
-def compare(runs: list[Run], *, out_dir: Path, experiment_id: str, parent_run_id: str | None = None,
-            log: bool = True) -> CompareOutputs:
-    """Render the comparison of ``runs`` and log it as one run (child of ``parent_run_id``)."""
-    datasets, labels = [], []
-    for run in runs:
-        datasets.append(LandscapeStore.open(run.data.tags["landscapes.store"], mode="r").to_xarray())
-        labels.append(_label(run, labels))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    files: list[Path] = []
-    for metric in ("loss", "accuracy"):
-        if all(metric in ds.data_vars for ds in datasets):
-            files += plots.plot_comparison(datasets, labels, metric, out_dir=out_dir, log=log and metric == "loss")
-    table = _write_table(runs, labels, out_dir / "summary.csv")
-    with mlflow.start_run(experiment_id=experiment_id, run_name=f"compare {len(runs)} landscapes",
-                          nested=parent_run_id is not None, parent_run_id=parent_run_id,
-                          tags={tracking.TAG_KIND: "compare", "landscapes.compared_runs": ",".join(r.info.run_id for r in runs)}) as run:
-        mlflow.log_params({"runs": len(runs), "labels": ", ".join(labels)[:500]})
-        for f in [*files, table, table.with_suffix(".md")]:
-            mlflow.log_artifact(str(f))
-        run_id = run.info.run_id
-    return CompareOutputs(run_id=run_id, files=tuple(files), table=table)
-
-
-def _label(run: Run, taken: list[str]) -> str:
-    base = run.info.run_name or run.info.run_id[:8]
-    ckpt = run.data.tags.get("landscapes.checkpoint")
-    if ckpt:
-        base = Path(ckpt).stem if "/" in ckpt or "." in ckpt else ckpt
-    label, n = base, 2
-    while label in taken:
-        label, n = f"{base} ({n})", n + 1
-    return label
-
-
-def _write_table(runs: list[Run], labels: list[str], path: Path) -> Path:
-    keys = [k for k in SUMMARY_KEYS if any(k in r.data.metrics for r in runs)]
-    rows = [[label, r.info.run_id, *(r.data.metrics.get(k, float("nan")) for k in keys)] for label, r in zip(labels, runs, strict=True)]
-    with path.open("w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["landscape", "run_id", *keys])
-        writer.writerows(rows)
-    md = ["| landscape | run | " + " | ".join(keys) + " |", "|---|---|" + "---|" * len(keys)]
-    md += [f"| {row[0]} | {row[1][:8]} | " + " | ".join(f"{v:.4g}" for v in row[2:]) + " |" for row in rows]
-    path.with_suffix(".md").write_text("\n".join(md) + "\n")
-    return path
+__all__ = ["main", "compare", "pipeline_runs", "CompareOutputs"]
 
 
 def main(argv: list[str] | None = None) -> CompareOutputs:
@@ -114,15 +30,13 @@ def main(argv: list[str] | None = None) -> CompareOutputs:
     parser.add_argument("--out", type=Path, default=None, help="where to write the files (default outputs/compare/<time>)")
     parser.add_argument("--no-log", action="store_true", help="linear loss scale")
     args = parser.parse_args(argv)
-    root = Path(os.environ.get("LANDSCAPES_ROOT", PROJECT_ROOT))
+    root = project_root()
     uri = tracking.configure(args.tracking_uri or tracking.default_tracking_uri(root))
     exp = MlflowClient().get_experiment_by_name(args.experiment)
     if exp is None and not args.runs:
         raise ConfigurationError(f"compare: no experiment named {args.experiment!r} in {uri}; run the pipeline first.")
     runs = pipeline_runs(run_ids=args.runs, experiment_id=exp.experiment_id if exp else None,
                          parent_run_id=args.parent, filter_string=args.filter)
-    import time
-
     out = args.out or root / "outputs" / "compare" / time.strftime("%Y-%m-%d_%H-%M-%S")
     exp_id = exp.experiment_id if exp else runs[0].info.experiment_id
     result = compare(runs, out_dir=out, experiment_id=exp_id, parent_run_id=args.parent, log=not args.no_log)

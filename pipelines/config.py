@@ -13,7 +13,7 @@ from enum import StrEnum
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, DictConfig, OmegaConf
 
 
 class Normalization(StrEnum):
@@ -176,6 +176,17 @@ class PipelineConfig:
     resume: str | None = None  # a landscape.zarr to continue (re-running the same command also resumes)
     stop_after: StageName = StageName.report  # run the stages up to this one (upstream ones are reused)
     train: TrainOptions = field(default_factory=TrainOptions)
+
+
+def to_typed(cfg: DictConfig) -> PipelineConfig:
+    """The composed config as the schema's objects: dataclasses and Enums, interpolations resolved.
+
+    Stages receive this, so a config key is named in this module only (``cfg.compute.model_mode``).
+    """
+    typed = OmegaConf.to_object(cfg)
+    if not isinstance(typed, PipelineConfig):
+        raise TypeError(f"to_typed: expected a config composed on base_config, got {type(typed).__name__}")
+    return typed
 
 
 def register_configs() -> None:

@@ -250,28 +250,30 @@ def flatten_params(params: Mapping[str, Any], *, sep: str = ".") -> dict[str, st
     {'grid.x.num': '41', 'seeds': '[0,1]'}
     """
     flat: dict[str, str] = {}
-
-    def visit(prefix: str, value: Any) -> None:
-        if dataclasses.is_dataclass(value) and not isinstance(value, type):
-            value = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
-        if isinstance(value, Mapping):
-            for k, v in value.items():
-                visit(f"{prefix}{sep}{k}" if prefix else str(k), v)
-            return
+    for path, value in _leaves(params, sep):
         if isinstance(value, str | PurePath):
             text = str(value)
         elif isinstance(value, enum.Enum):
             text = str(value.value)
         elif isinstance(value, Sequence):
-            text = json.dumps(_canonical(value, prefix), separators=(",", ":"))
+            text = json.dumps(_canonical(value, path), separators=(",", ":"))
         else:
             text = str(value)
         if len(text) > MAX_PARAM_VAL_LENGTH:
             text = text[: MAX_PARAM_VAL_LENGTH - 3] + "..."
-        flat[prefix] = text
-
-    visit("", params)
+        flat[path] = text
     return flat
+
+
+def _leaves(value: Any, sep: str = ".", prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """``(key path, value)`` of every leaf of nested mappings and dataclasses."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        value = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
+    if isinstance(value, Mapping):
+        for k, v in value.items():
+            yield from _leaves(v, sep, f"{prefix}{sep}{k}" if prefix else str(k))
+    else:
+        yield prefix, value
 
 
 # --- runs ----------------------------------------------------------------------------------
@@ -586,30 +588,24 @@ def _local_paths_exist(value: Any) -> bool:
 
 def _numbers(metrics: Any, name: str) -> dict[str, float]:
     """Flatten ``outputs.metrics`` (dataclass or mapping, possibly nested) to floats."""
+    if metrics is None:
+        return {}
+    if not (isinstance(metrics, Mapping) or dataclasses.is_dataclass(metrics)):
+        raise ConfigurationError(
+            f"stage {name!r}: outputs.metrics is a {type(metrics).__name__}; make it a "
+            "dataclass or mapping of numbers."
+        )
     out: dict[str, float] = {}
-
-    def visit(prefix: str, value: Any) -> None:
-        if dataclasses.is_dataclass(value) and not isinstance(value, type):
-            value = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
-        if isinstance(value, Mapping):
-            for k, v in value.items():
-                visit(f"{prefix}.{k}" if prefix else str(k), v)
-        elif value is not None:
-            try:
-                out[prefix] = float(value)
-            except (TypeError, ValueError) as exc:
-                raise ConfigurationError(
-                    f"stage {name!r}: outputs.metrics.{prefix} = {value!r} is not a number; "
-                    "make outputs.metrics a dataclass or mapping of numbers."
-                ) from exc
-
-    if metrics is not None:
-        if not (isinstance(metrics, Mapping) or dataclasses.is_dataclass(metrics)):
+    for path, value in _leaves(metrics):
+        if value is None:
+            continue
+        try:
+            out[path] = float(value)
+        except (TypeError, ValueError) as exc:
             raise ConfigurationError(
-                f"stage {name!r}: outputs.metrics is a {type(metrics).__name__}; make it a "
-                "dataclass or mapping of numbers."
-            )
-        visit("", metrics)
+                f"stage {name!r}: outputs.metrics.{path} = {value!r} is not a number; "
+                "make outputs.metrics a dataclass or mapping of numbers."
+            ) from exc
     return out
 
 

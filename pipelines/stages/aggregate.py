@@ -11,6 +11,7 @@ import numpy as np
 
 from landscapes.errors import StoreError
 from landscapes.store import LandscapeStore
+from pipelines.config import PipelineConfig
 from pipelines.stages.evaluate import theta0_index
 
 
@@ -27,7 +28,7 @@ class AggregateOutputs:
     artifacts: tuple[Path, ...] = ()
 
 
-def aggregate(cfg: dict[str, Any], inputs: AggregateInputs) -> AggregateOutputs:
+def aggregate(cfg: PipelineConfig, inputs: AggregateInputs) -> AggregateOutputs:
     """Summary metrics: values at θ0, the minimum and where, sharpness, flat area, NaN counts."""
     store = LandscapeStore.open(inputs.store, mode="r+")
     if not store.is_complete():
@@ -36,7 +37,7 @@ def aggregate(cfg: dict[str, Any], inputs: AggregateInputs) -> AggregateOutputs:
             f"aggregate: {missing} tile(s) of {inputs.store} are not done; re-run the pipeline "
             "(it resumes the evaluation) before aggregating."
         )
-    summary = summarize(store, radius=cfg["summary"]["radius"], flat_tolerance=cfg["summary"]["flat_tolerance"])
+    summary = summarize(store, radius=cfg.summary.radius, flat_tolerance=cfg.summary.flat_tolerance)
     store.update_attrs({"summary": {k: (v if _finite(v) else str(v)) for k, v in summary.items()}})
     metrics = {k: float(v) for k, v in summary.items() if isinstance(v, (int, float)) and _finite(v)}
     return AggregateOutputs(store=inputs.store, summary=summary, metrics=metrics, artifacts=(inputs.store,))
@@ -76,8 +77,3 @@ def summarize(store: LandscapeStore, *, radius: float, flat_tolerance: float) ->
 def _finite(v: Any) -> bool:
     return not (isinstance(v, float) and not math.isfinite(v))
 
-
-if __name__ == "__main__":  # python -m pipelines.stages.aggregate [overrides]
-    from pipelines.run import stage_main
-
-    stage_main("aggregate")

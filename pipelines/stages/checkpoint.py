@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from landscapes.checkpoints import checkpoint_identity, parameter_count
 from pipelines.builders import load_model
+from pipelines.config import PipelineConfig
 
 
 @dataclass(frozen=True)
@@ -28,10 +28,10 @@ class CheckpointOutputs:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
-def checkpoint(cfg: dict[str, Any], inputs: CheckpointInputs) -> CheckpointOutputs:
+def checkpoint(cfg: PipelineConfig, inputs: CheckpointInputs) -> CheckpointOutputs:
     """Check that the checkpoint loads strictly into ``cfg['model']``; nothing is computed before."""
     model = load_model(
-        cfg["model"], inputs.path, trust_pickle=cfg["checkpoint"]["trust_pickle"], strict=cfg["checkpoint"]["strict"]
+        cfg.model, inputs.path, trust_pickle=cfg.checkpoint.trust_pickle, strict=cfg.checkpoint.strict
     )
     ident = checkpoint_identity(inputs.path)
     count = parameter_count(model)
@@ -45,8 +45,3 @@ def checkpoint(cfg: dict[str, Any], inputs: CheckpointInputs) -> CheckpointOutpu
         metrics={"parameter_count": float(count), "checkpoint_mb": ident["size_bytes"] / 2**20},
     )
 
-
-if __name__ == "__main__":  # python -m pipelines.stages.checkpoint [overrides]
-    from pipelines.run import stage_main
-
-    stage_main("checkpoint")

@@ -14,6 +14,7 @@ import landscapes as L
 from landscapes.errors import ConfigurationError
 from landscapes.params import ParameterSpace
 from pipelines.builders import load_model
+from pipelines.config import PipelineConfig
 
 
 @dataclass(frozen=True)
@@ -35,16 +36,16 @@ class DirectionsOutputs:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
-def directions(cfg: dict[str, Any], inputs: DirectionsInputs) -> DirectionsOutputs:
+def directions(cfg: PipelineConfig, inputs: DirectionsInputs) -> DirectionsOutputs:
     """Random (seeded, normalized) directions, or directions towards other checkpoints."""
-    dcfg, dims = cfg["directions"], int(cfg["grid"]["dims"])
-    trust = cfg["checkpoint"]["trust_pickle"]
-    model = load_model(cfg["model"], inputs.checkpoint, trust_pickle=trust)
-    norm = None if dcfg["normalization"] == "none" else dcfg["normalization"]
-    ignore = None if dcfg["ignore"] == "none" else dcfg["ignore"]
+    dcfg, dims = cfg.directions, int(cfg.grid.dims)
+    trust, strict = cfg.checkpoint.trust_pickle, cfg.checkpoint.strict
+    model = load_model(cfg.model, inputs.checkpoint, trust_pickle=trust, strict=strict)
+    norm = None if dcfg.normalization == "none" else str(dcfg.normalization)
+    ignore = None if dcfg.ignore == "none" else str(dcfg.ignore)
     seeds: tuple[int, ...] = ()
-    if dcfg["kind"] == "random":
-        seeds = tuple(int(dcfg["seed"]) + i for i in range(dims))
+    if dcfg.kind == "random":
+        seeds = tuple(int(dcfg.seed) + i for i in range(dims))
         dirs = [L.random_direction(model, normalization=norm, ignore=ignore, seed=s) for s in seeds]
     else:
         if len(inputs.towards) != dims:
@@ -54,13 +55,13 @@ def directions(cfg: dict[str, Any], inputs: DirectionsInputs) -> DirectionsOutpu
             )
         dirs = []
         for path in inputs.towards:
-            other = load_model(cfg["model"], path, trust_pickle=trust)
+            other = load_model(cfg.model, path, trust_pickle=trust, strict=strict)
             d = L.direction_between(model, other)
             dirs.append(L.normalize_direction(d, model, normalization=norm, ignore=ignore) if norm or ignore else d)
     cos = cos_after = None
     if dims == 2:
         cos = L.cosine(dirs[0], dirs[1])
-        if dcfg["orthogonalize"]:
+        if dcfg.orthogonalize:
             result = L.orthogonalize(dirs[0], dirs[1])
             dirs[1], cos_after = result.direction, result.cosine_after
     space = ParameterSpace.from_module(model)
@@ -69,7 +70,7 @@ def directions(cfg: dict[str, Any], inputs: DirectionsInputs) -> DirectionsOutpu
     inputs.out_dir.mkdir(parents=True, exist_ok=True)
     path = inputs.out_dir / "directions.zarr"
     save_directions(path, flat, {
-        "kind": dcfg["kind"], "seeds": list(seeds), "normalization": str(norm), "ignore": str(ignore),
+        "kind": str(dcfg.kind), "seeds": list(seeds), "normalization": str(norm), "ignore": str(ignore),
         "towards": [str(p) for p in inputs.towards], "norms": list(norms), "cosine": cos,
         "cosine_after_orthogonalization": cos_after,
         "parameters": [[s.name, list(s.shape), s.kind] for s in space.specs],
@@ -77,7 +78,7 @@ def directions(cfg: dict[str, Any], inputs: DirectionsInputs) -> DirectionsOutpu
     metrics = {f"direction_{i}_norm": n for i, n in enumerate(norms)}
     if cos is not None:
         metrics["direction_cosine"] = cos
-    return DirectionsOutputs(path, dcfg["kind"], seeds, str(norm), norms, cos, cos_after, metrics)
+    return DirectionsOutputs(path, str(dcfg.kind), seeds, str(norm), norms, cos, cos_after, metrics)
 
 
 def save_directions(path: Path, flat: np.ndarray, attrs: dict[str, Any]) -> None:
@@ -99,8 +100,3 @@ def load_directions(path: Path) -> tuple[np.ndarray, dict[str, Any]]:
         ) from err
     return np.asarray(arr[...]), dict(arr.attrs)
 
-
-if __name__ == "__main__":  # python -m pipelines.stages.directions [overrides]
-    from pipelines.run import stage_main
-
-    stage_main("directions")

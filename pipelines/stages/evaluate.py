@@ -27,6 +27,7 @@ from landscapes.grid import Grid, tile_shape_for
 from landscapes.store import LandscapeStore
 from pipelines.backends import Backend, make_backend
 from pipelines.builders import as_device, build_data, build_metrics, grid_axes, load_model
+from pipelines.config import PipelineConfig
 from pipelines.stages.directions import load_directions
 
 
@@ -48,16 +49,17 @@ class EvaluateOutputs:
     tiles_computed: int
     tiles_reused: int
     seconds: float
+    shape: tuple[int, ...]  # the grid's shape: points per axis
     metrics: dict[str, float] = field(default_factory=dict)
     backend: str = "local"
 
 
-def evaluate(cfg: dict[str, Any], inputs: EvaluateInputs, backend: Backend | None = None) -> EvaluateOutputs:
+def evaluate(cfg: PipelineConfig, inputs: EvaluateInputs, backend: Backend | None = None) -> EvaluateOutputs:
     """Evaluate every tile not yet done, writing each to the store as it finishes.
 
     Args:
-        cfg: the resolved pipeline config (``model``, ``data``, ``metrics``, ``grid``,
-            ``compute``, ``checkpoint``; optional ``resume``: a store to continue).
+        cfg: the typed pipeline config (reads ``model``, ``data``, ``metrics``, ``grid``,
+            ``compute``, ``checkpoint`` and ``resume``: a store to continue).
         inputs: checkpoint, directions, where the store lives and its fingerprint.
         backend: who evaluates the tiles; default from ``compute.backend``.
 
@@ -69,26 +71,26 @@ def evaluate(cfg: dict[str, Any], inputs: EvaluateInputs, backend: Backend | Non
         StoreError: ``resume`` names no store, or a store made for another configuration.
         EvaluationError: tiles failed; the finished ones are kept and a re-run resumes.
     """
-    ccfg = cfg["compute"]
-    device = as_device(ccfg["device"])
+    ccfg = cfg.compute
+    device = as_device(ccfg.device)
     backend = backend or make_backend(ccfg)  # check the compute options before any work
-    model = load_model(cfg["model"], inputs.checkpoint, trust_pickle=cfg["checkpoint"]["trust_pickle"])
-    metrics = build_metrics(cfg["metrics"], build_data(cfg["data"]))
+    model = load_model(cfg.model, inputs.checkpoint, trust_pickle=cfg.checkpoint.trust_pickle, strict=cfg.checkpoint.strict)
+    metrics = build_metrics(cfg.metrics, build_data(cfg.data))
     flat, dir_attrs = load_directions(inputs.directions)
-    axes = grid_axes(cfg["grid"])
+    axes = grid_axes(cfg.grid)
     _check_directions(flat, model, len(axes), inputs.directions)
     evaluator = L.Evaluator(
-        model, metrics, torch.from_numpy(flat), device=device, strategy=ccfg["strategy"],
-        model_mode=ccfg["model_mode"], memory_budget=ccfg["memory_budget"], max_batch_points=ccfg["max_batch_points"],
+        model, metrics, torch.from_numpy(flat), device=device, strategy=str(ccfg.strategy),
+        model_mode=str(ccfg.model_mode), memory_budget=ccfg.memory_budget, max_batch_points=ccfg.max_batch_points,
     )
-    resume = cfg.get("resume")
+    resume = cfg.resume
     if resume:
         inputs = replace(inputs, store=_resume_path(resume))
     with _exclusive(inputs.store):  # one driver per store: a second run of it waits, then reuses the tiles
         store = _open_or_create(inputs, axes, list(evaluator.metric_names), evaluator, flat, dir_attrs, resume=bool(resume))
         todo = store.missing_tiles()
         total_tiles = len(store.tiles())
-        seconds = backend.run(evaluator, store, todo, progress=ccfg["progress"]) if todo else 0.0
+        seconds = backend.run(evaluator, store, todo, progress=ccfg.progress) if todo else 0.0
         backend_name = str(getattr(backend, "name", type(backend).__name__))
         store.update_attrs({"evaluation": evaluator.describe() | {"backend": backend_name}})
     points = sum(t.size for t in todo)
@@ -99,6 +101,7 @@ def evaluate(cfg: dict[str, Any], inputs: EvaluateInputs, backend: Backend | Non
         strategy=evaluator.strategy,
         tile_shape=tuple(store.tile_shape),
         points=Grid(axes).size,
+        shape=tuple(len(a) for a in axes),
         tiles_computed=len(todo),
         tiles_reused=total_tiles - len(todo),
         seconds=seconds,
@@ -225,8 +228,3 @@ def theta0_index(axes: list[np.ndarray]) -> tuple[int, ...] | None:
         idx.append(int(hits[0]))
     return tuple(idx)
 
-
-if __name__ == "__main__":  # python -m pipelines.stages.evaluate [overrides]
-    from pipelines.run import stage_main
-
-    stage_main("evaluate")

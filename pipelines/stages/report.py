@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from landscapes import plots
 from landscapes.store import LandscapeStore
+from pipelines.config import PipelineConfig
 
 
 @dataclass(frozen=True)
@@ -22,23 +22,18 @@ class ReportOutputs:
     artifacts: tuple[Path, ...]
 
 
-def report(cfg: dict[str, Any], inputs: ReportInputs) -> ReportOutputs:
+def report(cfg: PipelineConfig, inputs: ReportInputs) -> ReportOutputs:
     """Contour, filled contour and 3-D surface for planes; curves for lines; HTML if enabled."""
-    pcfg = cfg["plot"]
+    pcfg = cfg.plot
     ds = LandscapeStore.open(inputs.store, mode="r").to_xarray()
-    wanted = [m for m in pcfg["metrics"] if m in ds.data_vars]
+    wanted = [m for m in pcfg.metrics if m in ds.data_vars]
     out_dir = inputs.out_dir / "plots"
     paths: list[Path] = []
     for metric in wanted:  # log scale for the loss only: accuracy lives in [0, 1]
-        paths += plots.render_all(ds, out_dir, metrics=[metric], log=pcfg["log"] and metric == "loss")
-    if not pcfg["html"]:
+        paths += plots.render_all(ds, out_dir, metrics=[metric], log=pcfg.log and metric == "loss")
+    if not pcfg.html:
         paths = [p for p in paths if p.suffix != ".html"]
         for p in out_dir.glob("*.html"):
             p.unlink()
     return ReportOutputs(plots=tuple(paths), artifacts=(out_dir,))
 
-
-if __name__ == "__main__":  # python -m pipelines.stages.report [overrides]
-    from pipelines.run import stage_main
-
-    stage_main("report")

@@ -25,8 +25,8 @@ from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 
-from pipelines.config import register_configs
-from pipelines.train import TrainResult, train
+from pipelines.config import PipelineConfig, register_configs, to_typed
+from pipelines.training import TrainResult, train
 
 REPO = Path(__file__).resolve().parents[2]
 CONF = REPO / "conf"
@@ -84,24 +84,22 @@ class Project:
         mp.delenv("LANDSCAPES_SWEEP_RUN_ID", raising=False)
         return mp
 
-    def resolved(self, *overrides: str) -> dict[str, Any]:
-        """The composed config as plain, resolved data (what the stages receive)."""
-        from pipelines.pipeline import resolve
-
+    def resolved(self, *overrides: str) -> PipelineConfig:
+        """The composed config as the schema's typed objects (what the stages receive)."""
         mp = self.environment()
         try:
-            return resolve(self.compose(*overrides))
+            return to_typed(self.compose(*overrides))
         finally:
             mp.undo()
 
-    def run(self, *overrides: str) -> dict[str, Any]:
-        """Compose and run the pipeline in this process; return its result."""
-        from pipelines.pipeline import run_pipeline
+    def run(self, *overrides: str, stages: tuple | None = None) -> dict[str, Any]:
+        """Compose and run the pipeline (``stages``: another stage table) in this process."""
+        from pipelines.pipeline import STAGES, run_pipeline
 
         mp = self.environment()
         previous = mlflow.get_tracking_uri()
         try:
-            return run_pipeline(self.compose(*overrides))
+            return run_pipeline(self.compose(*overrides), stages=stages or STAGES)
         finally:
             while mlflow.active_run() is not None:
                 mlflow.end_run()

@@ -16,13 +16,12 @@ import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 from torch import nn
 
 from landscapes.errors import ConfigurationError, EvaluationError, StoreError
 from landscapes.store import LandscapeStore
 from pipelines.backends import DaskBackend, LocalBackend, make_backend
-from pipelines.config import register_configs
+from pipelines.config import PipelineConfig, register_configs, to_typed
 from pipelines.demo import DemoMLP
 from pipelines.stages.directions import DirectionsInputs, directions
 from pipelines.stages.evaluate import EvaluateInputs, evaluate
@@ -116,19 +115,19 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     return {"root": root, "checkpoint": ckpt, "directions": dirs.path}
 
 
-def make_cfg(root: Path, *overrides: str) -> dict[str, Any]:
-    """The resolved sections the evaluate stage reads, composed from conf/ like a real run."""
+def make_cfg(root: Path, *overrides: str) -> PipelineConfig:
+    """The typed config the evaluate stage reads, composed from conf/ like a real run."""
     register_configs()
-    base = [f"paths.root_dir={root}", "debug=default", "grid.steps=[9,7]", "grid.range=[[-1,1],[-0.5,1.5]]"]
+    base = [f"paths.root_dir={root}", f"paths.output_dir={root}/out", "debug=default", "grid.steps=[9,7]", "grid.range=[[-1,1],[-0.5,1.5]]"]
     with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
         cfg = compose("config", overrides=[*base, *overrides])
-    return {k: OmegaConf.to_container(cfg[k], resolve=True, enum_to_str=True) for k in SECTIONS}
+    return to_typed(cfg)
 
 
 def run_evaluate(setup, store: Path, backend, *overrides: str, loss: dict | None = None, fingerprint: str = FINGERPRINT):
     cfg = make_cfg(setup["root"], *overrides)
     if loss is not None:
-        cfg["metrics"]["loss"] = loss
+        cfg.metrics.loss = loss
     inputs = EvaluateInputs(setup["checkpoint"], setup["directions"], store, fingerprint)
     return evaluate(cfg, inputs, backend)
 
@@ -177,7 +176,7 @@ def test_local_tile_size_does_not_matter(setup, reference, tmp_path: Path) -> No
 
 
 def test_backend_starts_and_closes_its_own_cluster(setup, reference, tmp_path: Path) -> None:
-    backend = make_backend(make_cfg(setup["root"], "compute.backend=dask", "compute.workers=2")["compute"])
+    backend = make_backend(make_cfg(setup["root"], "compute.backend=dask", "compute.workers=2").compute)
     assert isinstance(backend, DaskBackend) and backend.scheduler is None
     out = run_evaluate(setup, tmp_path / "landscape.zarr", backend, "compute.max_batch_points=16")
     assert_same(values(out.store), reference)
@@ -253,7 +252,7 @@ def test_unreachable_scheduler(setup, tmp_path: Path) -> None:
 ], ids=["scheduler-without-dask", "no-workers", "no-threads"])
 def test_bad_compute_options(setup, overrides, match) -> None:
     with pytest.raises(ConfigurationError, match=match):
-        make_backend(make_cfg(setup["root"], *overrides)["compute"])
+        make_backend(make_cfg(setup["root"], *overrides).compute)
 
 
 def test_workers_that_cannot_load_the_model_code(cluster, setup, reference, tmp_path: Path) -> None:
@@ -276,7 +275,7 @@ def test_scheduler_without_workers(setup, tmp_path: Path) -> None:
 
 
 def test_malformed_scheduler_address(setup, tmp_path: Path) -> None:
-    backend = make_backend(make_cfg(setup["root"], "compute.backend=dask", "compute.scheduler=my-laptop")["compute"])
+    backend = make_backend(make_cfg(setup["root"], "compute.backend=dask", "compute.scheduler=my-laptop").compute)
     with pytest.raises(ConfigurationError, match=r"compute.scheduler='my-laptop' is not a dask scheduler address "
                        r"\(ValueError: missing port number .*\); give it as tcp://host:8786"):
         run_evaluate(setup, tmp_path / "landscape.zarr", backend)

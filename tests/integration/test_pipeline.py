@@ -299,9 +299,9 @@ def test_2d_three_checkpoints(project: Project) -> None:
 
 
 def _documented_commands() -> list[pytest.param]:
-    """Every single-run ``python -m pipelines.run ...`` example in README.md and run.py."""
+    """Every single-run ``python -m pipelines.run ...`` example in README.md and pipelines/run/__init__.py."""
     found = []
-    for source in (REPO / "README.md", REPO / "pipelines" / "run.py"):
+    for source in (REPO / "README.md", REPO / "pipelines" / "run" / "__init__.py"):
         for line in source.read_text().splitlines():
             line = line.split("#", 1)[0].strip()
             if not line.startswith("python -m pipelines.run"):

@@ -7,6 +7,7 @@ like any other: the tiles that hold them count as done, and the summary counts t
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import re
@@ -24,13 +25,12 @@ import torch
 import zarr
 from hydra import compose, initialize_config_dir
 from mlflow.tracking import MlflowClient
-from omegaconf import OmegaConf
 from torch import nn
 
 from landscapes.errors import ConfigurationError, EvaluationError, ShapeMismatchError, StoreError
 from landscapes.store import LandscapeStore
 from pipelines.backends import LocalBackend
-from pipelines.config import register_configs
+from pipelines.config import PipelineConfig, register_configs, to_typed
 from pipelines.demo import DemoMLP
 from pipelines.stages.directions import DirectionsInputs, directions
 from pipelines.stages.evaluate import EvaluateInputs, evaluate
@@ -200,13 +200,12 @@ def test_sigkill_of_a_dask_run_then_rerun_resumes(tmp_path: Path, checkpoint: Pa
 # --- resume=, and what the evaluate stage refuses before computing (in-process, fast) --------
 
 
-def stage_setup(root: Path, checkpoint: Path) -> tuple[dict[str, Any], EvaluateInputs]:
+def stage_setup(root: Path, checkpoint: Path) -> tuple[PipelineConfig, EvaluateInputs]:
     """The evaluate stage's config and inputs as the pipeline makes them (directions included)."""
     register_configs()
     with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
-        cfg = compose("config", overrides=[f"paths.root_dir={root}", "debug=default", *GRID, *loss_overrides(0.0)])
-    c = {k: OmegaConf.to_container(cfg[k], resolve=True, enum_to_str=True)
-         for k in ("model", "data", "metrics", "grid", "compute", "checkpoint", "directions")}
+        cfg = compose("config", overrides=[f"paths.root_dir={root}", f"paths.output_dir={root}/out", "debug=default", *GRID, *loss_overrides(0.0)])
+    c = to_typed(cfg)
     dirs = directions(c, DirectionsInputs(checkpoint, (), root / "directions"))
     return c, EvaluateInputs(checkpoint, dirs.path, root / "a" / "landscape.zarr", "a" * 64)
 
@@ -223,7 +222,7 @@ def test_resume_option_continues_a_store_elsewhere(stage, tmp_path: Path) -> Non
         evaluate(with_loss(cfg, ExplodeAfter, calls=26), inputs, LocalBackend())  # 7 tiles, then a failure
     moved = tmp_path / "moved"
     shutil.copytree(inputs.store.parent, moved)
-    out = evaluate(cfg | {"resume": str(moved)}, inputs, LocalBackend())  # the folder holding landscape.zarr works too
+    out = evaluate(dataclasses.replace(cfg, resume=str(moved)), inputs, LocalBackend())  # the folder holding landscape.zarr works too
     assert out.store == moved / "landscape.zarr"
     assert (out.tiles_reused, out.tiles_computed) == (7, N_TILES - 7)
     assert LandscapeStore.open(out.store).is_complete()
@@ -248,12 +247,12 @@ def test_resume_refuses_a_store_of_another_configuration(stage, tmp_path: Path) 
     with pytest.raises(StoreError, match=rf"resume='{first.store}' was created for another configuration "
                        r"\(fingerprint 'a{64}', this run 'b{64}'\); refusing to mix results. Pass resume= the "
                        "store of this configuration, or drop resume= to start a fresh one"):
-        evaluate(cfg | {"resume": str(first.store)}, other, LocalBackend())
+        evaluate(dataclasses.replace(cfg, resume=str(first.store)), other, LocalBackend())
 
 
 def test_resume_of_a_missing_store(stage, tmp_path: Path) -> None:
     with pytest.raises(StoreError, match=r"resume='.*nowhere': no landscape store there .*drop resume= to start afresh"):
-        evaluate(stage["cfg"] | {"resume": str(tmp_path / "nowhere")}, stage["inputs"], LocalBackend())
+        evaluate(dataclasses.replace(stage["cfg"], resume=str(tmp_path / "nowhere")), stage["inputs"], LocalBackend())
 
 
 def test_a_store_killed_while_being_created_is_recreated(stage) -> None:
@@ -275,8 +274,9 @@ def test_a_failing_tile_keeps_the_finished_ones(stage) -> None:
     assert (out.tiles_reused, out.tiles_computed) == (4, 14)
 
 
-def with_loss(cfg: dict[str, Any], cls: type, **kwargs: Any) -> dict[str, Any]:
-    return cfg | {"metrics": cfg["metrics"] | {"loss": {"_target_": f"{__name__}.{cls.__name__}", **kwargs}}}
+def with_loss(cfg: PipelineConfig, cls: type, **kwargs: Any) -> PipelineConfig:
+    metrics = dataclasses.replace(cfg.metrics, loss={"_target_": f"{__name__}.{cls.__name__}", **kwargs})
+    return dataclasses.replace(cfg, metrics=metrics)
 
 
 class ExplodeAfter(nn.Module):
@@ -309,7 +309,7 @@ def test_directions_of_the_wrong_shape(stage, tmp_path: Path, shape: tuple[int, 
 
 
 def test_a_range_of_zero_length_is_refused(stage, tmp_path: Path) -> None:
-    cfg = stage["cfg"] | {"grid": stage["cfg"]["grid"] | {"range": [[1.0, 1.0], [-0.5, 1.5]]}}
+    cfg = dataclasses.replace(stage["cfg"], grid=dataclasses.replace(stage["cfg"].grid, range=[[1.0, 1.0], [-0.5, 1.5]]))
     inputs = EvaluateInputs(stage["inputs"].checkpoint, stage["inputs"].directions, tmp_path / "z" / "landscape.zarr", "z" * 64)
     try:
         evaluate(cfg, inputs, LocalBackend())

@@ -12,7 +12,7 @@ from mlflow.tracking import MlflowClient
 from landscapes.checkpoints import load_into, load_state_dict
 from landscapes.errors import ConfigurationError
 from pipelines.demo import DemoCNN, DemoMLP, digits_dataset, load_digits_tensors
-from pipelines.train import TrainResult, train, train_demo
+from pipelines.training import TrainResult, train, train_demo
 
 
 @pytest.fixture

@@ -6,11 +6,15 @@ Examples::
     python -m pipelines.run grid.steps=41 directions.seed=3
     python -m pipelines.run -m checkpoint.path=a.pt,b.pt,c.pt  # a sweep, then the comparison
     python -m pipelines.run experiment=1d_interpolation checkpoint.path=a.pt directions.towards=[b.pt]
+    python -m pipelines.run.evaluate grid.steps=41            # one entry point per stage: runs up to it
+
+The entry points sit on top of everything in ``pipelines``; nothing imports them.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any
 
 import hydra
@@ -18,13 +22,13 @@ from omegaconf import DictConfig
 
 from pipelines.callbacks import sweep_run_id
 from pipelines.config import register_configs
-from pipelines.pipeline import PROJECT_ROOT, run_pipeline
+from pipelines.paths import CONF_DIR, PROJECT_ROOT
+from pipelines.pipeline import run_pipeline
 
-os.environ.setdefault("LANDSCAPES_ROOT", str(PROJECT_ROOT))
 register_configs()
 
 
-@hydra.main(version_base="1.3", config_path=str(PROJECT_ROOT / "conf"), config_name="config")
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def main(cfg: DictConfig) -> dict[str, Any]:
     result = run_pipeline(cfg, sweep_run_id=sweep_run_id())
     if not result["summary"]:
@@ -36,13 +40,9 @@ def main(cfg: DictConfig) -> dict[str, Any]:
     return result
 
 
-def stage_main(stage: str) -> None:
-    """``python -m pipelines.stages.<stage>``: the pipeline up to ``stage`` (earlier stages are reused)."""
-    import sys
-
-    sys.argv.append(f"stop_after={stage}")
-    main()
-
-
-if __name__ == "__main__":
+def run_main(stop_after: str | None = None) -> None:
+    """Run `main` from the command line (``python -m pipelines.run[.<stage>]``), up to ``stop_after``."""
+    os.environ.setdefault("LANDSCAPES_ROOT", str(PROJECT_ROOT))
+    if stop_after is not None:
+        sys.argv.append(f"stop_after={stop_after}")
     main()

@@ -96,27 +96,38 @@ def load_into(
     (other submodules of a LightningModule, for example) are ignored. Everything is checked
     before any tensor is copied, so a failed call leaves ``model`` unchanged.
 
+    As torch's own strict ``load_state_dict``, a missing ``num_batches_tracked`` of a norm layer
+    is accepted when the state dict has no version metadata (a plain ``dict``) or an old one;
+    the layer keeps its own count. Tied parameters (one tensor under several names, like
+    GPT-2's ``lm_head.weight`` and ``transformer.wte.weight``) need only one of their names
+    in the checkpoint, as ``safetensors.torch.save_model`` writes them; they stay tied.
+
     Args:
         model: The module to load into (modified in place).
         state_dict: Tensor name to tensor, as returned by `load_state_dict`.
-        strict: Require the keys to match exactly. Shapes must match in either mode.
+        strict: Require the keys to match exactly (up to the two cases above); with False,
+            missing and unexpected keys are skipped. Shapes must match in either mode.
 
     Returns:
         ``model``, with the checkpoint's tensors.
 
     Raises:
-        CheckpointError: Keys are missing or unexpected (``strict=True``) or shapes differ;
-            the message lists them.
+        CheckpointError: Keys are missing or unexpected (``strict=True``), shapes differ, or
+            tied names hold different values; the message lists them.
     """
     target = model.state_dict()
     matched, stripped = _match_prefix(dict(state_dict), target.keys())
-    missing = [k for k in target if k not in matched]
+    ties = _tied_keys(model, target.keys())
+    filled = _fill_ties(matched, ties)
+    refilled = _refilled_by_torch(model, getattr(state_dict, "_metadata", None), stripped)
+    missing = [k for k in target if k not in filled and k not in refilled]
     unexpected = [k for k in matched if k not in target]
     mismatched = [
         f"{k}: checkpoint {_shape(matched[k])} vs model {_shape(target[k])}"
         for k in target
         if k in matched and matched[k].shape != target[k].shape
     ]
+    conflicts = [] if mismatched else _tie_conflicts(matched, ties)
     problems = []
     if strict and missing:
         problems.append(_listing("missing key", "in the model, not in the checkpoint", missing))
@@ -126,17 +137,39 @@ def load_into(
         )
     if mismatched:
         problems.append(_listing("shape mismatch", "checkpoint vs model", mismatched))
+    if conflicts:
+        problems.append(
+            _listing(
+                "tie conflict",
+                "one tensor in the model, different values in the checkpoint",
+                conflicts,
+            )
+        )
     if problems:
         note = f" (after stripping the prefix {stripped!r})" if stripped else ""
+        fix = (
+            "\nCheck that the model config (class and its kwargs) is the architecture the "
+            "checkpoint was saved from, and that the checkpoint is the right file."
+        )
+        if conflicts:
+            fix += (
+                " The checkpoint was saved from a model without these ties: build the model "
+                "untied (for transformers models, tie_word_embeddings=False)."
+            )
+        elif not mismatched and len(missing) < len(target):  # strict=False loads something
+            fix += (
+                " To load only the keys both have, pass strict=False (in the pipeline, "
+                "checkpoint.strict=false)."
+            )
         raise CheckpointError(
             f"load_into: the checkpoint does not fit {type(model).__name__}{note}.\n"
             + "\n".join(problems)
-            + "\nCheck that the model config (class and its kwargs) is the architecture the "
-            "checkpoint was saved from, and that the checkpoint is the right file."
+            + fix
         )
     if not strict:
-        matched = {k: v for k, v in matched.items() if k in target}
-    model.load_state_dict(matched, strict=strict)
+        filled = {k: v for k, v in filled.items() if k in target}
+    # A plain dict (no version metadata): torch's norm layers fill in num_batches_tracked.
+    model.load_state_dict(filled, strict=strict)
     return model
 
 
@@ -337,6 +370,71 @@ def _match_prefix(
                     best, best_prefix, best_score = sub, chain + prefix, score
         frontier = grown
     return best, best_prefix
+
+
+def _tied_keys(model: nn.Module, keys: Any) -> list[list[str]]:
+    """State-dict keys that name one tensor object: tied parameters or shared buffers.
+
+    ``model.state_dict()`` lists every name of a tied parameter (GPT-2's ``lm_head.weight``
+    and ``transformer.wte.weight``); ``safetensors.torch.save_model`` keeps only one of them.
+    """
+    wanted = set(keys)
+    names: dict[int, list[str]] = {}
+    tensors = [
+        *model.named_parameters(remove_duplicate=False),
+        *model.named_buffers(remove_duplicate=False),
+    ]
+    for name, tensor in tensors:
+        if name in wanted:
+            group = names.setdefault(id(tensor), [])
+            if name not in group:
+                group.append(name)
+    return [group for group in names.values() if len(group) > 1]
+
+
+def _fill_ties(matched: dict[str, torch.Tensor], ties: list[list[str]]) -> dict[str, torch.Tensor]:
+    """``matched`` with each tied name the checkpoint lacks set to a tied name it has."""
+    filled = dict(matched)
+    for group in ties:
+        present = [k for k in group if k in matched]
+        if present:
+            for k in group:
+                filled.setdefault(k, matched[present[0]])
+    return filled
+
+
+def _tie_conflicts(matched: dict[str, torch.Tensor], ties: list[list[str]]) -> list[str]:
+    """Tied names the checkpoint holds with different values (saved from an untied model)."""
+    conflicts = []
+    for group in ties:
+        present = [k for k in group if k in matched]
+        conflicts += [
+            f"{present[0]} != {k}"
+            for k in present[1:]
+            if not torch.equal(matched[present[0]], matched[k])
+        ]
+    return conflicts
+
+
+def _refilled_by_torch(model: nn.Module, metadata: Any, stripped: str) -> set[str]:
+    """Keys torch's own strict ``load_state_dict`` fills in when the checkpoint lacks them.
+
+    Norm layers tracking running statistics (``_NormBase``: BatchNorm, SyncBatchNorm,
+    InstanceNorm with ``track_running_stats=True``) keep their own ``num_batches_tracked``
+    when the checkpoint predates it: when the state dict carries no version metadata for the
+    module (a plain ``dict``, as `load_state_dict` returns) or a version below 2.
+    """
+    refilled = set()
+    for name, module in model.named_modules():
+        if not (isinstance(module, nn.modules.batchnorm._NormBase) and module.track_running_stats):
+            continue
+        version = None
+        if isinstance(metadata, Mapping):
+            key = (stripped + name) if name else stripped[:-1]
+            version = (metadata.get(key) or {}).get("version")
+        if version is None or version < 2:
+            refilled.add(f"{name}.num_batches_tracked" if name else "num_batches_tracked")
+    return refilled
 
 
 def _shape(t: torch.Tensor) -> str:

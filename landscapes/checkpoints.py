@@ -1,8 +1,10 @@
 """Read model checkpoints safely and load them into a model.
 
 Formats: ``torch.save`` files (``.pt``, ``.pth``, ``.bin``) holding a state dict or a dict that
-holds one, ``.safetensors``, and Lightning ``.ckpt`` files. Pickled Python objects are never
-unpickled unless the caller opts in with ``trust_pickle=True``.
+holds one, ``.safetensors``, Lightning ``.ckpt`` files, and ``torch.export`` programs (``.pt2``,
+MLflow 3's default for PyTorch models). Pickled Python objects are never unpickled unless the
+caller opts in with ``trust_pickle=True``; neither are ``.pt2`` archives, whose loader may
+unpickle what they hold.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from landscapes.errors import CheckpointError, CheckpointNotFoundError
 __all__ = [
     "TORCH_SUFFIXES",
     "SAFETENSORS_SUFFIXES",
+    "EXPORTED_SUFFIXES",
     "STRIPPABLE_PREFIXES",
     "load_state_dict",
     "load_into",
@@ -32,6 +35,8 @@ __all__ = [
 
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 SAFETENSORS_SUFFIXES = (".safetensors",)
+EXPORTED_SUFFIXES = (".pt2",)
+_ALL_SUFFIXES = TORCH_SUFFIXES + SAFETENSORS_SUFFIXES + EXPORTED_SUFFIXES
 # Keys under which training scripts and Lightning nest the model's state dict, in lookup order.
 _NESTED_KEYS = ("state_dict", "model_state_dict", "model")
 # Prefixes that wrappers add to every key: LightningModule attributes, DataParallel/DDP, and
@@ -60,10 +65,12 @@ def load_state_dict(
     Args:
         path: A ``.pt``/``.pth``/``.bin`` file (a state dict, or a dict holding one under
             ``"state_dict"``, ``"model_state_dict"`` or ``"model"``), a ``.safetensors`` file,
-            or a Lightning ``.ckpt`` (its ``"state_dict"``). Other suffixes are recognised by
-            their leading bytes.
+            a Lightning ``.ckpt`` (its ``"state_dict"``), or a ``.pt2`` program written by
+            ``torch.export.save`` (its parameters and persistent buffers). Other suffixes are
+            recognised by their leading bytes.
         trust_pickle: Unpickle arbitrary Python objects (``torch.load(weights_only=False)``).
-            Only for files from a trusted source; needed for files holding a whole ``nn.Module``.
+            Only for files from a trusted source; needed for files holding a whole ``nn.Module``
+            (MLflow's ``pickle`` format) and for ``.pt2`` files (``torch.export.load``).
         map_location: Device the tensors are loaded onto.
 
     Returns:
@@ -79,6 +86,8 @@ def load_state_dict(
     fmt = _detect_format(file)
     if fmt == "safetensors":
         return _load_safetensors(file, map_location)
+    if fmt == "pt2":
+        return _load_exported(file, trust_pickle=trust_pickle, map_location=map_location)
     obj = _torch_load(file, trust_pickle=trust_pickle, map_location=map_location)
     return _extract_state_dict(obj, file)
 
@@ -232,7 +241,7 @@ def _existing_file(path: str | os.PathLike[str]) -> Path:
     if file.is_dir():
         raise CheckpointError(
             f"checkpoint {str(file)!r} is a directory; point at the checkpoint file inside it "
-            f"(one of {', '.join(TORCH_SUFFIXES + SAFETENSORS_SUFFIXES)})."
+            f"(one of {', '.join(_ALL_SUFFIXES)})."
         )
     return file
 
@@ -243,6 +252,8 @@ def _detect_format(file: Path) -> str:
         return "safetensors"
     if suffix in TORCH_SUFFIXES:
         return "torch"
+    if suffix in EXPORTED_SUFFIXES:
+        return "pt2"
     with file.open("rb") as handle:
         head = handle.read(9)
     if head[:2] == b"PK" or head[:1] == b"\x80":  # zip (torch >= 1.6) or legacy pickle
@@ -251,7 +262,7 @@ def _detect_format(file: Path) -> str:
         return "safetensors"
     raise CheckpointError(
         f"checkpoint {str(file)!r}: cannot tell its format from the suffix {suffix!r} or its "
-        f"first bytes; expected one of {', '.join(TORCH_SUFFIXES + SAFETENSORS_SUFFIXES)}. "
+        f"first bytes; expected one of {', '.join(_ALL_SUFFIXES)}. "
         "Rename the file with the right suffix."
     )
 
@@ -267,6 +278,31 @@ def _load_safetensors(file: Path, map_location: str | torch.device) -> dict[str,
             f"checkpoint {str(file)!r} could not be read as safetensors ({exc}); the file is "
             "corrupt, truncated or not safetensors. Re-download or re-save it."
         ) from exc
+
+
+def _load_exported(
+    file: Path, *, trust_pickle: bool, map_location: str | torch.device
+) -> dict[str, torch.Tensor]:
+    if not trust_pickle:
+        raise CheckpointError(
+            f"checkpoint {str(file)!r} is a torch.export program (.pt2), and torch.export.load "
+            "may unpickle objects stored in it, which runs code from the file. If you trust its "
+            "source, opt in with load_state_dict(..., trust_pickle=True) or the config key "
+            "checkpoint.trust_pickle=true; better, save a plain state dict: "
+            "torch.save(model.state_dict(), path)."
+        )
+    try:
+        program = torch.export.load(file)
+    except Exception as exc:
+        detail = str(exc).splitlines()[0] if str(exc) else ""
+        raise CheckpointError(
+            f"checkpoint {str(file)!r} could not be read as a torch.export program "
+            f"({type(exc).__name__}: {detail}); the file is corrupt, written by another torch "
+            "version or uses operators not registered here. Save a plain state dict instead: "
+            "torch.save(model.state_dict(), path)."
+        ) from exc
+    # Parameters and persistent buffers under the exported module's names (= its state dict).
+    return {k: v.detach().to(map_location) for k, v in program.state_dict.items()}
 
 
 def _torch_load(file: Path, *, trust_pickle: bool, map_location: str | torch.device) -> Any:
@@ -290,6 +326,11 @@ def _torch_load(file: Path, *, trust_pickle: bool, map_location: str | torch.dev
             "state dict: torch.save(model.state_dict(), path)."
         ) from exc
     except Exception as exc:  # zip, EOF, unpickler stack errors: what a damaged file raises
+        if not trust_pickle and "TorchScript" in str(exc):
+            raise CheckpointError(
+                f"checkpoint {str(file)!r} is a TorchScript archive (torch.jit.save), not a plain "
+                f"state dict. {_TRUST_HINT}"
+            ) from exc
         raise _corrupt(file, exc) from exc
 
 

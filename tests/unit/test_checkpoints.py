@@ -546,3 +546,46 @@ def test_gpt2_into_own_model_refused(gpt2_file) -> None:
         r"Check that the model config .* the right file\.$",
     ):
         load_into(_TiedLM(seed=2), load_state_dict(path))  # nothing in common: no strict=false hint
+
+
+# --- torch.export programs and TorchScript archives ----------------------------------------
+
+
+def test_exported_program_loads_with_opt_in(tmp_path: Path) -> None:
+    source = _TiedLM(seed=1)
+    source.register_buffer("scale", torch.ones(1), persistent=False)  # not in a state dict
+    program = torch.export.export(source, (torch.randint(0, 7, (5,)),))
+    path = tmp_path / "model.pt2"
+    torch.export.save(program, path)
+    sd = load_state_dict(path, trust_pickle=True)
+    assert "scale" not in sd
+    _assert_same(sd, dict(source.state_dict()))
+    target = load_into(_TiedLM(seed=2), sd)
+    assert target.decoder.weight is target.embed.weight
+    _assert_same(dict(target.state_dict()), dict(source.state_dict()))
+
+
+def test_exported_program_refused_without_opt_in(tmp_path: Path) -> None:
+    path = tmp_path / "model.pt2"
+    path.write_bytes(b"PK not read")
+    with pytest.raises(
+        CheckpointError,
+        match=rf"{re.escape(repr(str(path)))} is a torch\.export program \(\.pt2\).*"
+        r"checkpoint\.trust_pickle=true.*torch\.save\(model\.state_dict\(\), path\)",
+    ):
+        load_state_dict(path)
+    with pytest.raises(CheckpointError, match=r"could not be read as a torch\.export program"):
+        load_state_dict(path, trust_pickle=True)
+
+
+@pytest.mark.filterwarnings(r"ignore:`torch\.jit\.\w+` is deprecated:DeprecationWarning")
+@pytest.mark.filterwarnings("ignore:.*looks like a TorchScript archive:UserWarning")
+def test_torchscript_archive(tmp_path: Path, source: nn.Module) -> None:
+    path = tmp_path / "scripted.pt"
+    torch.jit.save(torch.jit.script(source), path)
+    with pytest.raises(
+        CheckpointError, match=r"is a TorchScript archive \(torch\.jit\.save\).*trust_pickle=True"
+    ):
+        load_state_dict(path)
+    sd = load_state_dict(path, trust_pickle=True)
+    _assert_same(sd, dict(source.state_dict()))

@@ -1,8 +1,10 @@
 """Read model checkpoints safely and load them into a model.
 
 Formats: ``torch.save`` files (``.pt``, ``.pth``, ``.bin``) holding a state dict or a dict that
-holds one, ``.safetensors``, and Lightning ``.ckpt`` files. Pickled Python objects are never
-unpickled unless the caller opts in with ``trust_pickle=True``.
+holds one, ``.safetensors``, Lightning ``.ckpt`` files, and ``torch.export`` programs (``.pt2``,
+MLflow 3's default for PyTorch models). Pickled Python objects are never unpickled unless the
+caller opts in with ``trust_pickle=True``; neither are ``.pt2`` archives, whose loader may
+unpickle what they hold.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from landscapes.errors import CheckpointError, CheckpointNotFoundError
 __all__ = [
     "TORCH_SUFFIXES",
     "SAFETENSORS_SUFFIXES",
+    "EXPORTED_SUFFIXES",
     "STRIPPABLE_PREFIXES",
     "load_state_dict",
     "load_into",
@@ -32,6 +35,8 @@ __all__ = [
 
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 SAFETENSORS_SUFFIXES = (".safetensors",)
+EXPORTED_SUFFIXES = (".pt2",)
+_ALL_SUFFIXES = TORCH_SUFFIXES + SAFETENSORS_SUFFIXES + EXPORTED_SUFFIXES
 # Keys under which training scripts and Lightning nest the model's state dict, in lookup order.
 _NESTED_KEYS = ("state_dict", "model_state_dict", "model")
 # Prefixes that wrappers add to every key: LightningModule attributes, DataParallel/DDP, and
@@ -60,10 +65,12 @@ def load_state_dict(
     Args:
         path: A ``.pt``/``.pth``/``.bin`` file (a state dict, or a dict holding one under
             ``"state_dict"``, ``"model_state_dict"`` or ``"model"``), a ``.safetensors`` file,
-            or a Lightning ``.ckpt`` (its ``"state_dict"``). Other suffixes are recognised by
-            their leading bytes.
+            a Lightning ``.ckpt`` (its ``"state_dict"``), or a ``.pt2`` program written by
+            ``torch.export.save`` (its parameters and persistent buffers). Other suffixes are
+            recognised by their leading bytes.
         trust_pickle: Unpickle arbitrary Python objects (``torch.load(weights_only=False)``).
-            Only for files from a trusted source; needed for files holding a whole ``nn.Module``.
+            Only for files from a trusted source; needed for files holding a whole ``nn.Module``
+            (MLflow's ``pickle`` format) and for ``.pt2`` files (``torch.export.load``).
         map_location: Device the tensors are loaded onto.
 
     Returns:
@@ -79,6 +86,8 @@ def load_state_dict(
     fmt = _detect_format(file)
     if fmt == "safetensors":
         return _load_safetensors(file, map_location)
+    if fmt == "pt2":
+        return _load_exported(file, trust_pickle=trust_pickle, map_location=map_location)
     obj = _torch_load(file, trust_pickle=trust_pickle, map_location=map_location)
     return _extract_state_dict(obj, file)
 
@@ -96,27 +105,38 @@ def load_into(
     (other submodules of a LightningModule, for example) are ignored. Everything is checked
     before any tensor is copied, so a failed call leaves ``model`` unchanged.
 
+    As torch's own strict ``load_state_dict``, a missing ``num_batches_tracked`` of a norm layer
+    is accepted when the state dict has no version metadata (a plain ``dict``) or an old one;
+    the layer keeps its own count. Tied parameters (one tensor under several names, like
+    GPT-2's ``lm_head.weight`` and ``transformer.wte.weight``) need only one of their names
+    in the checkpoint, as ``safetensors.torch.save_model`` writes them; they stay tied.
+
     Args:
         model: The module to load into (modified in place).
         state_dict: Tensor name to tensor, as returned by `load_state_dict`.
-        strict: Require the keys to match exactly. Shapes must match in either mode.
+        strict: Require the keys to match exactly (up to the two cases above); with False,
+            missing and unexpected keys are skipped. Shapes must match in either mode.
 
     Returns:
         ``model``, with the checkpoint's tensors.
 
     Raises:
-        CheckpointError: Keys are missing or unexpected (``strict=True``) or shapes differ;
-            the message lists them.
+        CheckpointError: Keys are missing or unexpected (``strict=True``), shapes differ, or
+            tied names hold different values; the message lists them.
     """
     target = model.state_dict()
     matched, stripped = _match_prefix(dict(state_dict), target.keys())
-    missing = [k for k in target if k not in matched]
+    ties = _tied_keys(model, target.keys())
+    filled = _fill_ties(matched, ties)
+    refilled = _refilled_by_torch(model, getattr(state_dict, "_metadata", None), stripped)
+    missing = [k for k in target if k not in filled and k not in refilled]
     unexpected = [k for k in matched if k not in target]
     mismatched = [
         f"{k}: checkpoint {_shape(matched[k])} vs model {_shape(target[k])}"
         for k in target
         if k in matched and matched[k].shape != target[k].shape
     ]
+    conflicts = [] if mismatched else _tie_conflicts(matched, ties)
     problems = []
     if strict and missing:
         problems.append(_listing("missing key", "in the model, not in the checkpoint", missing))
@@ -126,17 +146,39 @@ def load_into(
         )
     if mismatched:
         problems.append(_listing("shape mismatch", "checkpoint vs model", mismatched))
+    if conflicts:
+        problems.append(
+            _listing(
+                "tie conflict",
+                "one tensor in the model, different values in the checkpoint",
+                conflicts,
+            )
+        )
     if problems:
         note = f" (after stripping the prefix {stripped!r})" if stripped else ""
+        fix = (
+            "\nCheck that the model config (class and its kwargs) is the architecture the "
+            "checkpoint was saved from, and that the checkpoint is the right file."
+        )
+        if conflicts:
+            fix += (
+                " The checkpoint was saved from a model without these ties: build the model "
+                "untied (for transformers models, tie_word_embeddings=False)."
+            )
+        elif not mismatched and len(missing) < len(target):  # strict=False loads something
+            fix += (
+                " To load only the keys both have, pass strict=False (in the pipeline, "
+                "checkpoint.strict=false)."
+            )
         raise CheckpointError(
             f"load_into: the checkpoint does not fit {type(model).__name__}{note}.\n"
             + "\n".join(problems)
-            + "\nCheck that the model config (class and its kwargs) is the architecture the "
-            "checkpoint was saved from, and that the checkpoint is the right file."
+            + fix
         )
     if not strict:
-        matched = {k: v for k, v in matched.items() if k in target}
-    model.load_state_dict(matched, strict=strict)
+        filled = {k: v for k, v in filled.items() if k in target}
+    # A plain dict (no version metadata): torch's norm layers fill in num_batches_tracked.
+    model.load_state_dict(filled, strict=strict)
     return model
 
 
@@ -199,7 +241,7 @@ def _existing_file(path: str | os.PathLike[str]) -> Path:
     if file.is_dir():
         raise CheckpointError(
             f"checkpoint {str(file)!r} is a directory; point at the checkpoint file inside it "
-            f"(one of {', '.join(TORCH_SUFFIXES + SAFETENSORS_SUFFIXES)})."
+            f"(one of {', '.join(_ALL_SUFFIXES)})."
         )
     return file
 
@@ -210,6 +252,8 @@ def _detect_format(file: Path) -> str:
         return "safetensors"
     if suffix in TORCH_SUFFIXES:
         return "torch"
+    if suffix in EXPORTED_SUFFIXES:
+        return "pt2"
     with file.open("rb") as handle:
         head = handle.read(9)
     if head[:2] == b"PK" or head[:1] == b"\x80":  # zip (torch >= 1.6) or legacy pickle
@@ -218,7 +262,7 @@ def _detect_format(file: Path) -> str:
         return "safetensors"
     raise CheckpointError(
         f"checkpoint {str(file)!r}: cannot tell its format from the suffix {suffix!r} or its "
-        f"first bytes; expected one of {', '.join(TORCH_SUFFIXES + SAFETENSORS_SUFFIXES)}. "
+        f"first bytes; expected one of {', '.join(_ALL_SUFFIXES)}. "
         "Rename the file with the right suffix."
     )
 
@@ -234,6 +278,31 @@ def _load_safetensors(file: Path, map_location: str | torch.device) -> dict[str,
             f"checkpoint {str(file)!r} could not be read as safetensors ({exc}); the file is "
             "corrupt, truncated or not safetensors. Re-download or re-save it."
         ) from exc
+
+
+def _load_exported(
+    file: Path, *, trust_pickle: bool, map_location: str | torch.device
+) -> dict[str, torch.Tensor]:
+    if not trust_pickle:
+        raise CheckpointError(
+            f"checkpoint {str(file)!r} is a torch.export program (.pt2), and torch.export.load "
+            "may unpickle objects stored in it, which runs code from the file. If you trust its "
+            "source, opt in with load_state_dict(..., trust_pickle=True) or the config key "
+            "checkpoint.trust_pickle=true; better, save a plain state dict: "
+            "torch.save(model.state_dict(), path)."
+        )
+    try:
+        program = torch.export.load(file)
+    except Exception as exc:
+        detail = str(exc).splitlines()[0] if str(exc) else ""
+        raise CheckpointError(
+            f"checkpoint {str(file)!r} could not be read as a torch.export program "
+            f"({type(exc).__name__}: {detail}); the file is corrupt, written by another torch "
+            "version or uses operators not registered here. Save a plain state dict instead: "
+            "torch.save(model.state_dict(), path)."
+        ) from exc
+    # Parameters and persistent buffers under the exported module's names (= its state dict).
+    return {k: v.detach().to(map_location) for k, v in program.state_dict.items()}
 
 
 def _torch_load(file: Path, *, trust_pickle: bool, map_location: str | torch.device) -> Any:
@@ -257,6 +326,11 @@ def _torch_load(file: Path, *, trust_pickle: bool, map_location: str | torch.dev
             "state dict: torch.save(model.state_dict(), path)."
         ) from exc
     except Exception as exc:  # zip, EOF, unpickler stack errors: what a damaged file raises
+        if not trust_pickle and "TorchScript" in str(exc):
+            raise CheckpointError(
+                f"checkpoint {str(file)!r} is a TorchScript archive (torch.jit.save), not a plain "
+                f"state dict. {_TRUST_HINT}"
+            ) from exc
         raise _corrupt(file, exc) from exc
 
 
@@ -337,6 +411,71 @@ def _match_prefix(
                     best, best_prefix, best_score = sub, chain + prefix, score
         frontier = grown
     return best, best_prefix
+
+
+def _tied_keys(model: nn.Module, keys: Any) -> list[list[str]]:
+    """State-dict keys that name one tensor object: tied parameters or shared buffers.
+
+    ``model.state_dict()`` lists every name of a tied parameter (GPT-2's ``lm_head.weight``
+    and ``transformer.wte.weight``); ``safetensors.torch.save_model`` keeps only one of them.
+    """
+    wanted = set(keys)
+    names: dict[int, list[str]] = {}
+    tensors = [
+        *model.named_parameters(remove_duplicate=False),
+        *model.named_buffers(remove_duplicate=False),
+    ]
+    for name, tensor in tensors:
+        if name in wanted:
+            group = names.setdefault(id(tensor), [])
+            if name not in group:
+                group.append(name)
+    return [group for group in names.values() if len(group) > 1]
+
+
+def _fill_ties(matched: dict[str, torch.Tensor], ties: list[list[str]]) -> dict[str, torch.Tensor]:
+    """``matched`` with each tied name the checkpoint lacks set to a tied name it has."""
+    filled = dict(matched)
+    for group in ties:
+        present = [k for k in group if k in matched]
+        if present:
+            for k in group:
+                filled.setdefault(k, matched[present[0]])
+    return filled
+
+
+def _tie_conflicts(matched: dict[str, torch.Tensor], ties: list[list[str]]) -> list[str]:
+    """Tied names the checkpoint holds with different values (saved from an untied model)."""
+    conflicts = []
+    for group in ties:
+        present = [k for k in group if k in matched]
+        conflicts += [
+            f"{present[0]} != {k}"
+            for k in present[1:]
+            if not torch.equal(matched[present[0]], matched[k])
+        ]
+    return conflicts
+
+
+def _refilled_by_torch(model: nn.Module, metadata: Any, stripped: str) -> set[str]:
+    """Keys torch's own strict ``load_state_dict`` fills in when the checkpoint lacks them.
+
+    Norm layers tracking running statistics (``_NormBase``: BatchNorm, SyncBatchNorm,
+    InstanceNorm with ``track_running_stats=True``) keep their own ``num_batches_tracked``
+    when the checkpoint predates it: when the state dict carries no version metadata for the
+    module (a plain ``dict``, as `load_state_dict` returns) or a version below 2.
+    """
+    refilled = set()
+    for name, module in model.named_modules():
+        if not (isinstance(module, nn.modules.batchnorm._NormBase) and module.track_running_stats):
+            continue
+        version = None
+        if isinstance(metadata, Mapping):
+            key = (stripped + name) if name else stripped[:-1]
+            version = (metadata.get(key) or {}).get("version")
+        if version is None or version < 2:
+            refilled.add(f"{name}.num_batches_tracked" if name else "num_batches_tracked")
+    return refilled
 
 
 def _shape(t: torch.Tensor) -> str:

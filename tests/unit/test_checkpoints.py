@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import re
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from landscapes.checkpoints import (
     parameter_count,
 )
 from landscapes.errors import CheckpointError, CheckpointNotFoundError
+from tests.ecosystem import require
 
 
 def _model(seed: int = 0, hidden: int = 5) -> nn.Sequential:
@@ -326,3 +328,264 @@ def test_parameter_count() -> None:
     expected = (3 * 4 + 4) + (4 + 4) + (4 * 2 + 2)
     assert parameter_count(model) == expected
     assert parameter_count(model.state_dict()) == expected
+
+
+def test_strict_failure_suggests_non_strict(source: nn.Module) -> None:
+    sd = dict(source.state_dict())
+    del sd["2.bias"]
+    with pytest.raises(
+        CheckpointError, match=r"strict=False \(in the pipeline, checkpoint\.strict=false\)"
+    ):
+        load_into(_model(seed=2), sd)
+    # Shapes must match in either mode, so the hint would not help there.
+    with pytest.raises(CheckpointError, match="shape mismatch") as info:
+        load_into(_model(seed=2, hidden=7), sd)
+    assert "strict" not in str(info.value)
+
+
+# --- norm layers: num_batches_tracked ------------------------------------------------------
+
+
+def _bn_model(norm: str, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    layer = {
+        "batchnorm1d": lambda: nn.BatchNorm1d(4),
+        "instancenorm1d-tracking": lambda: nn.InstanceNorm1d(4, track_running_stats=True),
+    }[norm]()
+    model = nn.Sequential(nn.Linear(3, 4), layer, nn.Linear(4, 2))
+    model[1].running_mean.uniform_()
+    model[1].num_batches_tracked.fill_(10 + seed)
+    return model
+
+
+@pytest.mark.parametrize("norm", ["batchnorm1d", "instancenorm1d-tracking"])
+def test_missing_num_batches_tracked_accepted_like_torch(tmp_path: Path, norm: str) -> None:
+    source = _bn_model(norm, seed=1)
+    sd = dict(source.state_dict())
+    del sd["1.num_batches_tracked"]  # a checkpoint from before the buffer existed
+    path = tmp_path / "old.pt"
+    torch.save(sd, path)
+    reference = _bn_model(norm, seed=2)
+    reference.load_state_dict(dict(sd), strict=True)  # what torch itself accepts
+    target = load_into(_bn_model(norm, seed=2), load_state_dict(path), strict=True)
+    _assert_same(dict(target.state_dict()), dict(reference.state_dict()))
+    assert target[1].num_batches_tracked.item() == 12  # torch keeps the layer's own count
+    torch.testing.assert_close(target[1].running_mean, source[1].running_mean)
+
+
+def test_missing_num_batches_tracked_refused_like_torch_with_metadata() -> None:
+    # model.state_dict() records the BatchNorm version (2, with the buffer): torch refuses.
+    sd = _bn_model("batchnorm1d", seed=1).state_dict()
+    del sd["1.num_batches_tracked"]
+    with pytest.raises(RuntimeError, match="Missing key"):
+        _bn_model("batchnorm1d", seed=2).load_state_dict(sd, strict=True)
+    target = _bn_model("batchnorm1d", seed=2)
+    before = _snapshot(target)
+    with pytest.raises(CheckpointError, match=r"1 missing key .*\n  1\.num_batches_tracked"):
+        load_into(target, sd)
+    _assert_same(dict(target.state_dict()), before)
+
+
+def test_missing_running_stats_still_refused() -> None:
+    sd = dict(_bn_model("batchnorm1d", seed=1).state_dict())
+    del sd["1.running_mean"], sd["1.num_batches_tracked"]
+    with pytest.raises(CheckpointError, match=r"1 missing key [^\n]*\n  1\.running_mean\n"):
+        load_into(_bn_model("batchnorm1d", seed=2), sd)
+
+
+# --- tied parameters -----------------------------------------------------------------------
+
+
+class _TiedLM(nn.Module):
+    """Embedding and decoder share one weight, as language models tie them."""
+
+    def __init__(self, seed: int = 0, tied: bool = True) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.embed = nn.Embedding(7, 4)
+        self.body = nn.Linear(4, 4)
+        self.decoder = nn.Linear(4, 7)
+        if tied:
+            self.decoder.weight = self.embed.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decoder(torch.tanh(self.body(self.embed(x))))
+
+
+def _save_model_safetensors(model: nn.Module, path: Path) -> None:
+    from safetensors.torch import save_model
+
+    save_model(model, str(path))  # writes one of the tied names only
+
+
+def _save_state_dict(model: nn.Module, path: Path) -> None:
+    torch.save(model.state_dict(), path)  # keeps both names
+
+
+@pytest.mark.parametrize(
+    ("name", "save"),
+    [
+        pytest.param("m.safetensors", _save_model_safetensors, id="safetensors-save_model"),
+        pytest.param("m.pt", _save_state_dict, id="torch-save-state_dict"),
+    ],
+)
+def test_tied_model_round_trip(tmp_path: Path, name: str, save) -> None:
+    source = _TiedLM(seed=1)
+    save(source, tmp_path / name)
+    sd = load_state_dict(tmp_path / name)
+    target = load_into(_TiedLM(seed=2), sd, strict=True)
+    assert target.decoder.weight is target.embed.weight
+    _assert_same(dict(target.state_dict()), dict(source.state_dict()))
+
+
+@pytest.mark.parametrize("kept", ["embed.weight", "decoder.weight"])
+def test_tied_either_name_is_enough(kept: str) -> None:
+    source = _TiedLM(seed=1)
+    dropped = ({"embed.weight", "decoder.weight"} - {kept}).pop()
+    sd = {k: v for k, v in source.state_dict().items() if k != dropped}
+    target = load_into(_TiedLM(seed=2), {f"model.{k}": v for k, v in sd.items()})
+    assert target.decoder.weight is target.embed.weight
+    _assert_same(dict(target.state_dict()), dict(source.state_dict()))
+
+
+def test_tied_names_with_different_values_refused() -> None:
+    untied = _TiedLM(seed=1, tied=False)
+    target = _TiedLM(seed=2)
+    before = _snapshot(target)
+    with pytest.raises(
+        CheckpointError,
+        match=r"1 tie conflict \(one tensor in the model, different values in the checkpoint\):\n"
+        r"  embed\.weight != decoder\.weight\n.*tie_word_embeddings=False",
+    ):
+        load_into(target, untied.state_dict(), strict=False)
+    _assert_same(dict(target.state_dict()), before)
+    assert target.decoder.weight is target.embed.weight
+
+
+def test_tied_checkpoint_into_untied_model_needs_both(tmp_path: Path) -> None:
+    _save_model_safetensors(_TiedLM(seed=1), tmp_path / "m.safetensors")
+    sd = load_state_dict(tmp_path / "m.safetensors")
+    assert len({"embed.weight", "decoder.weight"} & set(sd)) == 1
+    with pytest.raises(CheckpointError, match=r"(?s)1 missing key .*checkpoint\.strict=false"):
+        load_into(_TiedLM(seed=2, tied=False), sd)
+
+
+# --- a real tied model: transformers' GPT-2 ------------------------------------------------
+
+
+def _gpt2(seed: int, **overrides):
+    if importlib.util.find_spec("torchvision") is not None:
+        require("torchvision")  # transformers imports it; this declares its missing ops
+    transformers = require("transformers")
+    config = {"n_layer": 1, "n_embd": 16, "n_head": 2, "vocab_size": 50, "n_positions": 16}
+    config.update(bos_token_id=0, eos_token_id=1, **overrides)
+    torch.manual_seed(seed)
+    return transformers.GPT2LMHeadModel(transformers.GPT2Config(**config)).eval()
+
+
+@pytest.fixture(scope="module")
+def gpt2_file(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, torch.Tensor]]:
+    from safetensors.torch import save_model
+
+    source = _gpt2(seed=1)
+    path = tmp_path_factory.mktemp("gpt2") / "model.safetensors"
+    save_model(source, str(path))
+    return path, {k: v.clone() for k, v in source.state_dict().items()}
+
+
+@pytest.mark.requires_models
+def test_gpt2_tied_safetensors_loads_strict(gpt2_file) -> None:
+    path, expected = gpt2_file
+    sd = load_state_dict(path)
+    assert "lm_head.weight" in sd and "transformer.wte.weight" not in sd
+    target = load_into(_gpt2(seed=2), sd, strict=True)
+    assert target.lm_head.weight is target.transformer.wte.weight
+    _assert_same(dict(target.state_dict()), expected)
+
+
+@pytest.mark.requires_models
+def test_gpt2_state_dict_with_both_names_loads(tmp_path: Path) -> None:
+    source = _gpt2(seed=1)
+    torch.save(source.state_dict(), tmp_path / "pytorch_model.bin")
+    target = load_into(_gpt2(seed=2), load_state_dict(tmp_path / "pytorch_model.bin"))
+    assert target.lm_head.weight is target.transformer.wte.weight
+    _assert_same(dict(target.state_dict()), dict(source.state_dict()))
+    ids = torch.arange(8).reshape(1, 8)
+    torch.testing.assert_close(target(ids).logits, source(ids).logits, rtol=0, atol=0)
+
+
+@pytest.mark.requires_models
+@pytest.mark.parametrize(
+    ("overrides", "pattern"),
+    [
+        pytest.param({"n_layer": 2}, r"missing keys [^\n]*\n  transformer\.h\.1\.", id="deeper"),
+        pytest.param(
+            {"n_embd": 32},
+            r"16 shape mismatches [^\n]*\n  transformer\.wpe\.weight: checkpoint \(16, 16\) vs model \(16, 32\)",
+            id="wider",
+        ),
+    ],
+)
+def test_gpt2_other_architecture_refused(gpt2_file, overrides: dict, pattern: str) -> None:
+    path, _ = gpt2_file
+    target = _gpt2(seed=2, **overrides)
+    before = _snapshot(target)
+    with pytest.raises(
+        CheckpointError, match=rf"does not fit GPT2LMHeadModel\.\n(.*\n)*.*{pattern}"
+    ):
+        load_into(target, load_state_dict(path))
+    _assert_same(dict(target.state_dict()), before)
+
+
+@pytest.mark.requires_models
+def test_gpt2_into_own_model_refused(gpt2_file) -> None:
+    path, _ = gpt2_file
+    with pytest.raises(
+        CheckpointError,
+        match=r"does not fit _TiedLM\.\n5 missing keys .*\n(  .*\n){5}16 unexpected keys .*\n(.*\n){11}"
+        r"Check that the model config .* the right file\.$",
+    ):
+        load_into(_TiedLM(seed=2), load_state_dict(path))  # nothing in common: no strict=false hint
+
+
+# --- torch.export programs and TorchScript archives ----------------------------------------
+
+
+def test_exported_program_loads_with_opt_in(tmp_path: Path) -> None:
+    source = _TiedLM(seed=1)
+    source.register_buffer("scale", torch.ones(1), persistent=False)  # not in a state dict
+    program = torch.export.export(source, (torch.randint(0, 7, (5,)),))
+    path = tmp_path / "model.pt2"
+    torch.export.save(program, path)
+    sd = load_state_dict(path, trust_pickle=True)
+    assert "scale" not in sd
+    _assert_same(sd, dict(source.state_dict()))
+    target = load_into(_TiedLM(seed=2), sd)
+    assert target.decoder.weight is target.embed.weight
+    _assert_same(dict(target.state_dict()), dict(source.state_dict()))
+
+
+def test_exported_program_refused_without_opt_in(tmp_path: Path) -> None:
+    path = tmp_path / "model.pt2"
+    path.write_bytes(b"PK not read")
+    with pytest.raises(
+        CheckpointError,
+        match=rf"{re.escape(repr(str(path)))} is a torch\.export program \(\.pt2\).*"
+        r"checkpoint\.trust_pickle=true.*torch\.save\(model\.state_dict\(\), path\)",
+    ):
+        load_state_dict(path)
+    with pytest.raises(CheckpointError, match=r"could not be read as a torch\.export program"):
+        load_state_dict(path, trust_pickle=True)
+
+
+@pytest.mark.filterwarnings(r"ignore:`torch\.jit\.\w+` is deprecated:DeprecationWarning")
+@pytest.mark.filterwarnings("ignore:.*looks like a TorchScript archive:UserWarning")
+def test_torchscript_archive(tmp_path: Path, source: nn.Module) -> None:
+    path = tmp_path / "scripted.pt"
+    torch.jit.save(torch.jit.script(source), path)
+    with pytest.raises(
+        CheckpointError, match=r"is a TorchScript archive \(torch\.jit\.save\).*trust_pickle=True"
+    ):
+        load_state_dict(path)
+    sd = load_state_dict(path, trust_pickle=True)
+    _assert_same(sd, dict(source.state_dict()))

@@ -237,7 +237,9 @@ def _existing(p: Path) -> DirectionsRecord | None:
             "Choose another path or remove it."
         )
     foreign = sorted(
-        e.name for e in p.iterdir() if e.name not in ("zarr.json", "c") and not e.name.endswith(".partial")
+        e.name
+        for e in p.iterdir()
+        if e.name not in ("zarr.json", "c") and not e.name.endswith(".partial")
     )
     if foreign:
         raise StoreError(

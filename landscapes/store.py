@@ -635,6 +635,9 @@ class LandscapeStore:
             IntegrityError: the mask is missing or cannot be decoded; the message says how to
                 rebuild it (:func:`verify_store` with ``repair=True``).
         """
+        if not (self._path / "done" / "zarr.json").is_file():  # deleted since opening
+            self._arrays.pop("done", None)
+            raise IntegrityError(_done_mask_message(self._path, "missing"))
         try:
             return np.asarray(self._array("done")[...], dtype=bool)
         except (KeyError, FileNotFoundError):

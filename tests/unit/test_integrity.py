@@ -323,7 +323,9 @@ def test_save_directions_disk_full_leaves_destination_unchanged(saved, monkeypat
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(zarr.storage.LocalStore, "set", full)
-    with pytest.raises(StoreWriteError, match=r"of .*directions\.zarr: \[Errno 28 ENOSPC\]") as info:
+    with pytest.raises(
+        StoreWriteError, match=r"of .*directions\.zarr: \[Errno 28 ENOSPC\]"
+    ) as info:
         save_directions(path, _dirs(seed=3), ATTRS, on_conflict="replace")
     assert info.value.errno == errno.ENOSPC and "free space" in str(info.value)
     monkeypatch.undo()

@@ -17,22 +17,33 @@ from landscapes.directions import (
     orthogonalize,
     random_direction,
 )
+from landscapes.directions_store import (
+    DirectionsRecord,
+    load_directions,
+    save_directions,
+    verify_directions,
+)
 from landscapes.errors import (
     CheckpointError,
     CheckpointNotFoundError,
     ConfigurationError,
     EvaluationError,
     FallbackWarning,
+    IntegrityError,
     LandscapesError,
     LandscapesWarning,
+    LockTimeoutError,
     ShapeMismatchError,
     StoreError,
+    StoreWriteError,
 )
 from landscapes.evaluate import Evaluator, evaluate, evaluate_tile
 from landscapes.grid import Grid, Tile, axis
+from landscapes.integrity import file_lock
 from landscapes.landscape import Landscape
 from landscapes.metrics import Accuracy, DatasetMetric, Loss, Metric, MetricPipeline
 from landscapes.params import ParameterSpace, TensorSpec
+from landscapes.store import LandscapeStore, TileDamage, VerifyReport, verify_store
 from landscapes.wrappers import GeneralModelWrapper, ModelWrapper, SimpleModelWrapper, wrap_model
 
 __version__ = "0.1.0"
@@ -45,4 +56,8 @@ __all__ = [
     "axis", "cosine", "direction_between", "evaluate", "evaluate_tile", "linear_interpolation",
     "normalize_direction", "orthogonalize", "planar_interpolation", "point", "random_direction",
     "random_line", "random_plane", "wrap_model",
+    # integrity of stored outputs (issue 16)
+    "DirectionsRecord", "IntegrityError", "LandscapeStore", "LockTimeoutError", "StoreWriteError",
+    "TileDamage", "VerifyReport", "file_lock", "load_directions", "save_directions",
+    "verify_directions", "verify_store",
 ]

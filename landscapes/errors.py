@@ -27,6 +27,26 @@ class StoreError(LandscapesError, ValueError):
     """A landscape store is missing, incomplete or belongs to another configuration."""
 
 
+class IntegrityError(StoreError):
+    """Stored data do not match what was recorded when they were written (a chunk is missing,
+    truncated, undecodable or altered; a record or the done mask is missing). The message
+    names the file and says how to repair or recompute it."""
+
+
+class StoreWriteError(StoreError):
+    """The file system refused a write to a store (disk full, quota, permissions, I/O error).
+
+    Raised from the ``OSError`` (chained as ``__cause__``); ``errno`` holds its error number.
+    What was written before stays valid, so freeing space and re-running resumes.
+    """
+
+    errno: int | None = None
+
+
+class LockTimeoutError(StoreError):
+    """Another process held a store's lock for longer than the given timeout."""
+
+
 class EvaluationError(LandscapesError, RuntimeError):
     """A grid tile failed to evaluate."""
 

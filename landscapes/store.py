@@ -7,11 +7,32 @@ Layout of a store at ``path``::
     <dim>                  one float64 coordinate array per axis, dims (<dim>,)
     <metric>               float64, shape = grid shape, chunks = tile_shape, fill NaN, dims = dims
     done                   bool, one element per tile, dims ("tile_<dim>", ...); driver-only
-    directions             optional, (k, n) float, chunked along n, dims ("direction", "parameter")
+    directions             optional, (k, n) float, chunked along n, dims ("direction", "parameter");
+                           fill NaN, attribute ``landscapes_directions`` = its manifest (digests)
+    integrity/             a Zarr group (attrs describe the records) holding
+      tiles/<i>.<j>.json   one checksum record per written tile (written by the tile's writer)
 
 One tile is exactly one chunk of every metric array, so workers in different processes can
 write different tiles at once. Completion lives only in ``done``: NaN and inf are legitimate
 metric values, and a chunk that exists is not a finished tile.
+
+Integrity. :meth:`LandscapeStore.write_tile` writes every chunk of the tile (even an all-NaN
+one), then reads each chunk file back and records its size and SHA-256 in the tile's record,
+written atomically (temporary name, then rename) by the process that wrote the tile: one file
+per tile, so workers in several processes never write the same file, and the driver's
+:meth:`~LandscapeStore.mark_done` is unchanged. A record is a claim, checked before reuse by
+:meth:`LandscapeStore.verify` (sizes and digests of the chunk files, no decoding, no
+recomputation); ``verify(repair=True)`` clears the done flag of damaged tiles (and deletes their
+damaged chunks) so that a resume recomputes exactly those, and rebuilds a missing or unreadable
+``done`` mask from the records. Digests are of the encoded chunk files rather than of the
+values, so a check needs no codec, and a matching digest proves the file is byte for byte
+what the writer produced (so it also decodes). Record format::
+
+    {"format": 1, "tile": [i, j],
+     "chunks": {"<metric>": {"file": "<metric>/c/<i>/<j>", "bytes": <int>, "sha256": <hex>}, ...}}
+
+Stores written before records existed (no root attribute ``landscapes_integrity``) open and
+read as before; ``verify`` checks their done tiles' chunks for presence and decoding only.
 """
 
 from __future__ import annotations
@@ -20,22 +41,36 @@ import json
 import math
 import os
 import re
-import shutil
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from landscapes.errors import ConfigurationError, StoreError
+from landscapes.errors import ConfigurationError, IntegrityError, StoreError
 from landscapes.grid import Grid, Tile
+from landscapes.integrity import (
+    atomic_directory,
+    atomic_write_bytes,
+    sha256_file,
+    write_error,
+)
 
 if TYPE_CHECKING:
     import xarray
     import zarr
 
-__all__ = ["LandscapeStore", "STORE_VERSION", "DIRECTIONS_CHUNK_ELEMENTS"]
+__all__ = [
+    "DIRECTIONS_CHUNK_ELEMENTS",
+    "INTEGRITY_ATTR",
+    "LandscapeStore",
+    "STORE_VERSION",
+    "TileDamage",
+    "VerifyReport",
+    "verify_store",
+]
 
 STORE_VERSION = 1
 """Layout version written to the root attribute ``landscapes_store_version``."""
@@ -43,10 +78,129 @@ STORE_VERSION = 1
 DIRECTIONS_CHUNK_ELEMENTS = 1 << 20
 """Parameters per chunk of the ``directions`` array (all k directions share a chunk)."""
 
+INTEGRITY_ATTR = "landscapes_integrity"
+"""Root attribute of stores that keep per-tile checksum records (absent in older stores)."""
+
+_INTEGRITY = {
+    "format": 1,
+    "algorithm": "sha256",
+    "of": "encoded chunk files",
+    "records": "integrity/tiles",
+}
+_RECORDS_DIR = ("integrity", "tiles")
 _DEFAULT_DIMS = {1: ("x",), 2: ("x", "y"), 3: ("x", "y", "z")}
-_RESERVED_NAMES = ("done", "directions")
+_RESERVED_NAMES = ("done", "directions", "integrity")
 _RESERVED_ATTRS = ("landscapes_store_version", "tile_shape", "metrics", "dims")
+_LAYOUT_ATTRS = (*_RESERVED_ATTRS, INTEGRITY_ATTR)
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]*$")
+
+
+Reason = Literal[
+    "missing chunk",
+    "truncated chunk",
+    "size mismatch",
+    "checksum mismatch",
+    "undecodable chunk",
+    "done but no record",
+    "unreadable record",
+]
+
+
+@dataclass(frozen=True)
+class TileDamage:
+    """One problem found by :meth:`LandscapeStore.verify` in one tile.
+
+    Attributes:
+        tile: the tile's index in the tile grid.
+        reason: what is wrong (``"missing chunk"``, ``"truncated chunk"``, ``"size mismatch"``,
+            ``"checksum mismatch"``, ``"undecodable chunk"``, ``"done but no record"``,
+            ``"unreadable record"``).
+        file: the damaged (or missing) file, relative to the store.
+        metric: the metric whose chunk it is (None for a record).
+        detail: sizes, digests or the decoder's message.
+    """
+
+    tile: tuple[int, ...]
+    reason: Reason
+    file: str
+    metric: str | None = None
+    detail: str = ""
+
+    def line(self) -> str:
+        """``tile (i, j): <reason>: <file> (metric 'm'): <detail>``."""
+        metric = f" (metric {self.metric!r})" if self.metric else ""
+        detail = f": {self.detail}" if self.detail else ""
+        return f"tile {self.tile}: {self.reason}: {self.file}{metric}{detail}"
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    """What :meth:`LandscapeStore.verify` found (and repaired).
+
+    Attributes:
+        path: the store.
+        records: True when the store keeps per-tile checksum records; False for a store
+            written before them (its chunks are checked for presence and decoding only).
+        done_mask: the ``done`` mask as found: ``"ok"``, ``"missing"`` or ``"unreadable"``.
+        tiles: number of tiles of the grid.
+        tiles_done: tiles marked done (after the repair, when repairing).
+        damaged: every problem found, tile by tile.
+        problems: damage that a repair cannot fix (the store's directions).
+        repaired: True when ``repair=True`` acted on the findings.
+        notes: what the repair did, and other remarks.
+    """
+
+    path: Path
+    records: bool
+    done_mask: Literal["ok", "missing", "unreadable"]
+    tiles: int
+    tiles_done: int
+    damaged: tuple[TileDamage, ...] = ()
+    problems: tuple[str, ...] = ()
+    repaired: bool = False
+    notes: tuple[str, ...] = ()
+
+    @property
+    def ok(self) -> bool:
+        """True when nothing is damaged and the done mask was readable."""
+        return not self.damaged and not self.problems and self.done_mask == "ok"
+
+    @property
+    def damaged_tiles(self) -> list[tuple[int, ...]]:
+        """Indices of the damaged tiles, sorted, each once."""
+        return sorted({d.tile for d in self.damaged})
+
+    def summary(self) -> list[str]:
+        """Human-readable lines: the verdict, then one line per problem and per note."""
+        head = f"landscape store {self.path}: "
+        if self.ok:
+            head += f"ok ({self.tiles_done}/{self.tiles} tiles done"
+            head += ", checksums match)" if self.records else ")"
+        else:
+            n = len(self.damaged_tiles)
+            parts = [f"{n} damaged tile(s)"] if n else []
+            if self.done_mask != "ok":
+                parts.append(f"done mask {self.done_mask}")
+            if self.problems:
+                parts.append(f"{len(self.problems)} problem(s) a repair cannot fix")
+            head += "DAMAGED: " + ", ".join(parts)
+            head += " (repaired)" if self.repaired else ""
+        lines = [head]
+        if not self.records:
+            lines.append(
+                "no checksum records (older store): done tiles' chunks were checked for "
+                "presence and decoding only"
+            )
+        lines += ["  " + d.line() for d in self.damaged]
+        lines += ["  " + p for p in self.problems]
+        lines += self.notes
+        if not self.ok and not self.repaired:
+            lines.append(
+                f"repair: landscapes.verify_store({str(self.path)!r}, repair=True) clears the "
+                "damaged tiles (and rebuilds the done mask); re-running the same command then "
+                "recomputes exactly those tiles."
+            )
+        return lines
 
 
 def _import_zarr():
@@ -112,6 +266,7 @@ class LandscapeStore:
         self._axes = tuple(np.asarray(group[d][...], dtype=np.float64) for d in self._dims)
         self._grid = Grid(self._axes)
         self._arrays: dict[str, Any] = {}
+        self._integrity = attrs.get(INTEGRITY_ATTR)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -203,7 +358,7 @@ class LandscapeStore:
                 dir_array = dir_array.astype(np.float32, copy=False)
 
         user_attrs = _jsonable(dict(attrs or {}), "attrs")
-        reserved = sorted(set(user_attrs) & set(_RESERVED_ATTRS))
+        reserved = sorted(set(user_attrs) & set(_LAYOUT_ATTRS))
         if reserved:
             raise ConfigurationError(
                 f"attrs keys {reserved} are reserved by the store layout; rename them."
@@ -214,6 +369,7 @@ class LandscapeStore:
             "tile_shape": list(tile_shape),
             "metrics": list(metrics),
             "dims": list(dims),
+            INTEGRITY_ATTR: dict(_INTEGRITY),
         }
         try:
             json.dumps(root_attrs, allow_nan=False)
@@ -222,66 +378,24 @@ class LandscapeStore:
                 f"attrs hold NaN or inf ({exc}); JSON attributes cannot; store them as strings."
             ) from exc
 
-        p = Path(os.fspath(path))
-        cls._prepare_path(p, overwrite)
-        zarr = _import_zarr()
-        group = zarr.create_group(store=str(p), zarr_format=3, attributes=root_attrs)
-        for d, a in zip(dims, grid.axes, strict=True):
-            arr = group.create_array(
-                d,
-                shape=a.shape,
-                dtype="float64",
-                chunks=a.shape,
-                dimension_names=(d,),
-                fill_value=np.nan,
-            )
-            arr[...] = a
-        for m in metrics:
-            group.create_array(
-                m,
-                shape=grid.shape,
-                dtype="float64",
-                chunks=tile_shape,
-                fill_value=np.nan,
-                dimension_names=dims,
-                attributes={"long_name": m},
-            )
-        group.create_array(
-            "done",
-            shape=counts,
-            dtype="bool",
-            chunks=counts,
-            fill_value=False,
-            dimension_names=tile_dims,
-            attributes={
-                "description": "True where the tile's values are final (set by the "
-                "driver after a tile's write_tile returned)."
-            },
-        )
-        if dir_array is not None:
-            k, n = dir_array.shape
-            arr = group.create_array(
-                "directions",
-                shape=(k, n),
-                dtype=dir_array.dtype,
-                chunks=(k, min(n, DIRECTIONS_CHUNK_ELEMENTS)),
-                fill_value=0.0,
-                dimension_names=("direction", "parameter"),
-            )
-            arr[...] = dir_array
-        _consolidate(p)
+        p = Path(os.fspath(path)).absolute()
+        replace = cls._prepare_path(p, overwrite)
+        # built under a temporary sibling and renamed into place: never seen half-created
+        with atomic_directory(p, replace=replace) as tmp:
+            _build(tmp, root_attrs, grid, dims, metrics, tile_shape, counts, tile_dims, dir_array)
         return cls.open(p, mode="r+")
 
     @staticmethod
-    def _prepare_path(p: Path, overwrite: bool) -> None:
+    def _prepare_path(p: Path, overwrite: bool) -> bool:
+        """Check that ``p`` may be (re)created; True when an existing store is replaced."""
         if not p.exists():
-            return
+            return False
         if not p.is_dir():
             raise StoreError(
                 f"cannot create a landscape store at {p}: a file is there; choose another path."
             )
         if not any(p.iterdir()):
-            return
+            return False
         try:
             _read_root_attrs(p)
             is_store = True
@@ -297,7 +411,7 @@ class LandscapeStore:
                 f"a landscape store already exists at {p}; pass overwrite=True to replace it, "
                 "or LandscapeStore.open(path) to resume it."
             )
-        shutil.rmtree(p)
+        return True
 
     @classmethod
     def open(cls, path: str | os.PathLike, mode: str = "r+") -> LandscapeStore:
@@ -310,32 +424,47 @@ class LandscapeStore:
         Raises:
             ConfigurationError: unknown mode.
             StoreError: ``path`` is missing or is not a (complete) landscape store.
+            IntegrityError: the ``done`` mask is missing or its metadata unreadable; the
+                message says how to rebuild it (:func:`verify_store` with ``repair=True``).
         """
+        store = cls._open(path, mode)
+        state = _array_state(store.path, "done")
+        if state != "ok":
+            raise IntegrityError(_done_mask_message(store.path, state))
+        return store
+
+    @classmethod
+    def _open(cls, path: str | os.PathLike, mode: str) -> LandscapeStore:
+        """Open with every array but ``done`` checked (``verify_store`` repairs ``done``)."""
         if mode not in ("r", "r+"):
             raise ConfigurationError(f"mode={mode!r}: use 'r' (read-only) or 'r+' (read/write).")
         p = Path(os.fspath(path)).absolute()
         attrs = _read_root_attrs(p)
-        zarr = _import_zarr()
-        group = zarr.open_group(str(p), mode=mode, zarr_format=3, use_consolidated=False)
-        expected = [*attrs["dims"], *attrs["metrics"], "done"]
-        present = set(group.array_keys())
-        missing = [name for name in expected if name not in present]
+        expected = [*attrs["dims"], *attrs["metrics"]]
+        missing = [name for name in expected if _array_state(p, name) != "ok"]
         if missing:
             raise StoreError(
-                f"landscape store at {p} lacks array(s) {missing}; it was not fully created. "
-                "Recreate it with LandscapeStore.create(..., overwrite=True)."
+                f"landscape store at {p} lacks (or cannot read the metadata of) array(s) "
+                f"{missing}; it was not fully created or was damaged, and cannot be repaired. "
+                "Delete it and re-run (or recreate it with LandscapeStore.create(..., "
+                "overwrite=True))."
             )
+        zarr = _import_zarr()
+        group = zarr.open_group(str(p), mode=mode, zarr_format=3, use_consolidated=False)
         return cls(group, p, mode)
 
     def __reduce__(self):
         return (type(self).open, (str(self._path), self._mode))
 
     def __repr__(self) -> str:
-        done = int(self.done_mask().sum())
         total = len(self.tiles())
+        try:
+            done = f"{int(self.done_mask().sum())}/{total}"
+        except StoreError:
+            done = f"?/{total} (done mask unreadable)"
         return (
             f"LandscapeStore({str(self._path)!r}, dims={self._dims}, shape={self.shape}, "
-            f"metrics={self._metrics}, tiles done={done}/{total})"
+            f"metrics={self._metrics}, tiles done={done})"
         )
 
     # ------------------------------------------------------------------ properties
@@ -377,17 +506,28 @@ class LandscapeStore:
         return self._grid.tiles(self._tile_shape)
 
     # ------------------------------------------------------------------ writing
-    def write_tile(self, tile: Tile | tuple[int, ...], values: Mapping[str, np.ndarray]) -> None:
+    def write_tile(
+        self, tile: Tile | tuple[int, ...], values: Mapping[str, np.ndarray]
+    ) -> dict[str, Any] | None:
         """Write every metric's block of one tile (whole chunks; safe across processes).
+
+        Then records the size and SHA-256 of each chunk file in the tile's checksum record
+        (``integrity/tiles/<i>.<j>.json``, written atomically), unless the store is older than
+        checksum records.
 
         Args:
             tile: a tile of :meth:`tiles` or its index in the tile grid.
             values: one array per metric (all metrics of the store), of shape ``tile.shape``
                 or flat ``(tile.size,)`` in C order (as ``Grid.coordinates`` lists points).
 
+        Returns:
+            The tile's checksum record (see the module docstring), or None for an older store.
+
         Raises:
             StoreError: read-only store, unknown/missing metric, wrong block shape, or a tile
                 that does not belong to this store's tiling.
+            StoreWriteError: the file system refused the write (disk full, ...); the message
+                names the store and says to free space and re-run to resume.
 
         Does not mark the tile done; the driver calls :meth:`mark_done` afterwards.
         """
@@ -420,11 +560,34 @@ class LandscapeStore:
                     "point of the tile."
                 )
             blocks[name] = block.astype(np.float64, copy=False)
-        for name, block in blocks.items():
-            self._array(name)[t.slices] = block
+        try:
+            for name, block in blocks.items():
+                self._array(name)[t.slices] = block
+            return self._record_tile(t) if self._has_records else None
+        except OSError as err:
+            raise write_error(err, self._path, f"write_tile: cannot write tile {t.index}") from err
+
+    def _record_tile(self, t: Tile) -> dict[str, Any]:
+        chunks = {}
+        for name in self._metrics:
+            key = self._chunk_key(name, t)
+            size, digest = sha256_file(self._path / key)
+            chunks[name] = {"file": key, "bytes": size, "sha256": digest}
+        record = {"format": 1, "tile": list(t.index), "chunks": chunks}
+        where = self._record_path(t.index)
+        where.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(where, json.dumps(record, indent=1).encode())
+        return record
 
     def mark_done(self, tiles: Iterable[Tile | tuple[int, ...]]) -> None:
-        """Record tiles as finished in the ``done`` mask (driver only: one writer)."""
+        """Record tiles as finished in the ``done`` mask (driver only: one writer).
+
+        Raises:
+            StoreError: read-only store, or a tile outside this store's tiling.
+            IntegrityError: the done mask cannot be read (see :func:`verify_store`).
+            StoreWriteError: the file system refused the write (disk full, ...); tiles marked
+                before stay marked, and re-running resumes.
+        """
         if self._mode == "r":
             raise StoreError(
                 f"mark_done: store {self._path} is open read-only; open it with mode='r+'."
@@ -432,11 +595,13 @@ class LandscapeStore:
         indices = [self._resolve_tile(t, "mark_done").index for t in tiles]
         if not indices:
             return
-        arr = self._array("done")
-        mask = np.asarray(arr[...], dtype=bool)
+        mask = self.done_mask()
         for idx in indices:
             mask[idx] = True
-        arr[...] = mask
+        try:
+            self._array("done")[...] = mask
+        except OSError as err:
+            raise write_error(err, self._path, "mark_done: cannot write the done mask") from err
 
     def update_attrs(self, attrs: Mapping[str, Any]) -> None:
         """Merge JSON-able provenance into the root attributes (layout keys are read-only)."""
@@ -445,7 +610,7 @@ class LandscapeStore:
                 f"update_attrs: store {self._path} is open read-only; open it with mode='r+'."
             )
         new = _jsonable(dict(attrs), "attrs")
-        reserved = sorted(set(new) & set(_RESERVED_ATTRS))
+        reserved = sorted(set(new) & set(_LAYOUT_ATTRS))
         if reserved:
             raise ConfigurationError(
                 f"update_attrs: keys {reserved} are fixed by the store layout; rename them."
@@ -456,13 +621,32 @@ class LandscapeStore:
             raise ConfigurationError(
                 f"update_attrs: attrs hold NaN or inf ({exc}); store them as strings."
             ) from exc
-        self._group.update_attributes(new)
-        _consolidate(self._path)
+        try:
+            self._group.update_attributes(new)
+            _consolidate(self._path)
+        except OSError as err:
+            raise write_error(err, self._path, "update_attrs: cannot write the attributes") from err
 
     # ------------------------------------------------------------------ reading
     def done_mask(self) -> np.ndarray:
-        """Boolean mask of finished tiles, shape = tile grid shape."""
-        return np.asarray(self._array("done")[...], dtype=bool)
+        """Boolean mask of finished tiles, shape = tile grid shape.
+
+        Raises:
+            IntegrityError: the mask is missing or cannot be decoded; the message says how to
+                rebuild it (:func:`verify_store` with ``repair=True``).
+        """
+        if not (self._path / "done" / "zarr.json").is_file():  # deleted since opening
+            self._arrays.pop("done", None)
+            raise IntegrityError(_done_mask_message(self._path, "missing"))
+        try:
+            return np.asarray(self._array("done")[...], dtype=bool)
+        except (KeyError, FileNotFoundError):
+            raise IntegrityError(_done_mask_message(self._path, "missing")) from None
+        except Exception as exc:  # noqa: BLE001 - codec errors come in many types
+            detail = f"file {self._chunk_key_of('done', (0,) * len(self._dims))}: "
+            raise IntegrityError(
+                _done_mask_message(self._path, "unreadable", detail + _describe(exc))
+            ) from exc
 
     def missing_tiles(self) -> list[Tile]:
         """Tiles not marked done, in C order."""
@@ -479,13 +663,71 @@ class LandscapeStore:
             raise StoreError(
                 f"read: no metric {name!r} in store {self._path}; it holds {list(self._metrics)}."
             )
-        return np.asarray(self._array(name)[...])
+        return self._read_checked(name)
+
+    def _read_checked(self, name: str) -> np.ndarray:
+        """Read a whole metric; a chunk that fails to decode is named, never a bare codec error."""
+        arr = self._array(name)
+        try:
+            return np.asarray(arr[...])
+        except Exception as exc:  # noqa: BLE001 - codec errors come in many types
+            bad = exc
+        for t in self.tiles():  # find the culprit (rare: only after a failure)
+            try:
+                arr[t.slices]
+            except Exception as exc:  # noqa: BLE001
+                raise IntegrityError(self._bad_chunk_message(name, t, exc)) from exc
+        raise IntegrityError(  # failed as a whole, but no single chunk fails: name the array
+            f"read: array {name!r} of landscape store {self._path} cannot be read "
+            f"({_describe(bad)}); check the store with landscapes.verify_store"
+            f"({str(self._path)!r})."
+        ) from bad
+
+    def _bad_chunk_message(self, name: str, t: Tile, exc: BaseException) -> str:
+        return (
+            f"read: chunk file {self._chunk_key(name, t)} (metric {name!r}, tile {t.index}) of "
+            f"landscape store {self._path} cannot be decoded ({_describe(exc)}); it is damaged. "
+            f"Run landscapes.verify_store({str(self._path)!r}, repair=True) to clear the "
+            "damaged tiles, then re-run the same command to recompute them."
+        )
 
     def read_directions(self) -> np.ndarray | None:
-        """The ``(k, n)`` directions, or None when the store has none."""
-        if "directions" not in set(self._group.array_keys()):
+        """The ``(k, n)`` directions, or None when the store has none.
+
+        Stores that record the directions' digests (``landscapes_directions`` attribute) are
+        checked: every chunk file present, values equal to the recorded digests.
+
+        Raises:
+            IntegrityError: a chunk is missing, undecodable or altered.
+        """
+        if _array_state(self._path, "directions") == "missing":
             return None
-        return np.asarray(self._array("directions")[...])
+        arr = self._array("directions")
+        manifest = dict(arr.attrs).get("landscapes_directions")
+        fix = "the store's copy of the directions is damaged; delete the store and re-run"
+        if manifest is not None:
+            missing = _missing_chunk_files(self._path, "directions", arr)
+            if missing:
+                raise IntegrityError(
+                    f"read_directions: landscape store {self._path} lacks chunk file(s) "
+                    f"{missing[:5]} of its directions; {fix}."
+                )
+        try:
+            out = np.asarray(arr[...])
+        except Exception as exc:  # noqa: BLE001 - codec errors come in many types
+            raise IntegrityError(
+                f"read_directions: the directions of landscape store {self._path} cannot be "
+                f"decoded ({_describe(exc)}); {fix}."
+            ) from exc
+        if manifest is not None:
+            from landscapes.directions_store import _manifest
+
+            if _manifest(out, int(manifest["chunks"][1]))["sha256"] != manifest["sha256"]:
+                raise IntegrityError(
+                    f"read_directions: the directions of landscape store {self._path} do not "
+                    f"match their recorded sha256 (values altered); {fix}."
+                )
+        return out
 
     def to_xarray(self) -> xarray.Dataset:
         """``xarray.Dataset``: metrics as data vars, axes as coords, root attrs as attrs.
@@ -500,13 +742,249 @@ class LandscapeStore:
             str(self._path), consolidated=False, zarr_format=3, drop_variables=drop, chunks=None
         )
 
+    # ------------------------------------------------------------------ integrity
+    def verify(self, *, repair: bool = False) -> VerifyReport:
+        """Check the done tiles against their checksum records; optionally repair.
+
+        Cheap: per done tile, a ``stat`` and a SHA-256 of each chunk file (a few hundred KB);
+        nothing is recomputed. Stores without records (older ones) have each done tile's
+        chunks checked for presence and decoding.
+
+        Args:
+            repair: clear the done flag of every damaged tile, delete its damaged chunk files
+                and its record, so that a resume (``missing_tiles()``) recomputes exactly
+                those; rebuild a missing or unreadable ``done`` mask from the records (tiles
+                whose chunks match their records are done; an older store's mask is rebuilt
+                empty). Needs mode ``"r+"``; hold the store's lock
+                (:func:`landscapes.integrity.file_lock`) when other processes may write it.
+
+        Returns:
+            A :class:`VerifyReport`; ``report.summary()`` lists the damage file by file.
+
+        Raises:
+            StoreError: ``repair=True`` on a store opened read-only.
+            StoreWriteError: the repair could not write (disk full, ...).
+        """
+        if repair and self._mode == "r":
+            raise StoreError(
+                f"verify: store {self._path} is open read-only; open it with mode='r+' to repair."
+            )
+        tiles = self.tiles()
+        state = _array_state(self._path, "done")
+        mask = None
+        if state == "ok":
+            try:
+                mask = self.done_mask()
+            except IntegrityError:
+                state = "unreadable"
+        damaged: list[TileDamage] = []
+        rebuilt: list[tuple[int, ...]] = []
+        for t in tiles:
+            if mask is not None and not mask[t.index]:
+                continue  # not done: recomputed anyway
+            if not self._has_records:
+                if mask is not None:
+                    damaged += self._check_decodable(t)
+                continue
+            record, problem = self._load_record(t)
+            if problem is not None:
+                if mask is not None or problem.reason == "unreadable record":
+                    damaged.append(problem)
+                continue
+            found = self._check_record(t, record)
+            damaged += found
+            if mask is None and not found:
+                rebuilt.append(t.index)
+        problems = self._check_directions_files()
+        report = VerifyReport(
+            path=self._path,
+            records=self._has_records,
+            done_mask=state,
+            tiles=len(tiles),
+            tiles_done=int(mask.sum()) if mask is not None else 0,
+            damaged=tuple(damaged),
+            problems=tuple(problems),
+        )
+        if not repair or report.ok:
+            return report
+        try:
+            return self._repair(report, mask, rebuilt)
+        except OSError as err:
+            raise write_error(err, self._path, "verify: cannot repair") from err
+
+    def _load_record(self, t: Tile) -> tuple[dict[str, Any] | None, TileDamage | None]:
+        where = self._record_path(t.index)
+        rel = str(where.relative_to(self._path))
+        try:
+            record = json.loads(where.read_text())
+        except FileNotFoundError:
+            return None, TileDamage(t.index, "done but no record", rel)
+        except (OSError, ValueError) as exc:
+            return None, TileDamage(t.index, "unreadable record", rel, detail=_describe(exc))
+        ok = (
+            isinstance(record, dict)
+            and record.get("tile") == list(t.index)
+            and isinstance(record.get("chunks"), dict)
+        )
+        if not ok:
+            return None, TileDamage(
+                t.index, "unreadable record", rel, detail="not a record of this tile"
+            )
+        return record, None
+
+    def _check_record(self, t: Tile, record: dict[str, Any]) -> list[TileDamage]:
+        found = []
+        for name in self._metrics:
+            key = self._chunk_key(name, t)
+            entry = record["chunks"].get(name)
+            if not isinstance(entry, dict) or entry.get("file") != key:
+                rel = str(self._record_path(t.index).relative_to(self._path))
+                found.append(
+                    TileDamage(t.index, "unreadable record", rel, detail=f"no entry for {key}")
+                )
+                continue
+            f = self._path / key
+            try:
+                size = f.stat().st_size
+            except FileNotFoundError:
+                found.append(TileDamage(t.index, "missing chunk", key, name))
+                continue
+            want = int(entry.get("bytes", -1))
+            if size != want:
+                reason = "truncated chunk" if size < want else "size mismatch"
+                detail = f"{size} bytes, recorded {want}"
+                found.append(TileDamage(t.index, reason, key, name, detail))
+                continue
+            _, digest = sha256_file(f)
+            if digest != entry.get("sha256"):
+                detail = f"sha256 {digest[:12]}…, recorded {str(entry.get('sha256'))[:12]}…"
+                found.append(TileDamage(t.index, "checksum mismatch", key, name, detail))
+        return found
+
+    def _check_decodable(self, t: Tile) -> list[TileDamage]:
+        found = []
+        for name in self._metrics:
+            key = self._chunk_key(name, t)
+            if not (self._path / key).is_file():
+                found.append(TileDamage(t.index, "missing chunk", key, name))
+                continue
+            try:
+                self._array(name)[t.slices]
+            except Exception as exc:  # noqa: BLE001 - codec errors come in many types
+                found.append(TileDamage(t.index, "undecodable chunk", key, name, _describe(exc)))
+        return found
+
+    def _check_directions_files(self) -> list[str]:
+        if _array_state(self._path, "directions") != "ok":
+            return []
+        arr = self._array("directions")
+        if "landscapes_directions" not in dict(arr.attrs):
+            return []  # an older store: its directions chunks may legitimately be absent
+        missing = _missing_chunk_files(self._path, "directions", arr)
+        if not missing:
+            return []
+        return [
+            f"directions: chunk file(s) {missing[:5]} missing; the store's copy of the "
+            "directions is damaged (a repair cannot restore it): delete the store and re-run"
+        ]
+
+    def _repair(
+        self, report: VerifyReport, mask: np.ndarray | None, rebuilt: list[tuple[int, ...]]
+    ) -> VerifyReport:
+        notes = []
+        damaged = set(report.damaged_tiles)
+        for d in report.damaged:
+            if d.metric is not None and d.reason != "missing chunk":
+                (self._path / d.file).unlink(missing_ok=True)
+        for index in damaged:
+            self._record_path(index).unlink(missing_ok=True)
+        if mask is None:
+            counts = self._grid.tile_grid_shape(self._tile_shape)
+            new = np.zeros(counts, dtype=bool)
+            for index in rebuilt:
+                new[index] = True
+            self._recreate_done(new)
+            how = (
+                "from the checksum records"
+                if self._has_records
+                else "empty (an older store has no records: every tile is recomputed)"
+            )
+            notes.append(
+                f"rebuilt the done mask {how}: {int(new.sum())}/{report.tiles} tile(s) done"
+            )
+            mask = new
+        else:
+            for index in damaged:
+                mask[index] = False
+            self._array("done")[...] = mask
+        if damaged:
+            notes.append(
+                f"cleared {len(damaged)} damaged tile(s) {sorted(damaged)}: re-run the same "
+                "command to recompute them"
+            )
+        tmp = self._path.joinpath(*_RECORDS_DIR)
+        for leftover in tmp.glob(".*.tmp-*") if tmp.is_dir() else ():
+            leftover.unlink(missing_ok=True)
+        return VerifyReport(
+            path=report.path,
+            records=report.records,
+            done_mask=report.done_mask,
+            tiles=report.tiles,
+            tiles_done=int(mask.sum()),
+            damaged=report.damaged,
+            problems=report.problems,
+            repaired=True,
+            notes=tuple(notes),
+        )
+
+    def _recreate_done(self, mask: np.ndarray) -> None:
+        import shutil
+
+        shutil.rmtree(self._path / "done", ignore_errors=True)
+        self._arrays.pop("done", None)
+        arr = self._group.create_array(
+            "done",
+            shape=mask.shape,
+            dtype="bool",
+            chunks=mask.shape,
+            fill_value=False,
+            dimension_names=tuple(f"tile_{d}" for d in self._dims),
+            attributes={
+                "description": "True where the tile's values are final (set by the "
+                "driver after a tile's write_tile returned)."
+            },
+            overwrite=True,
+        )
+        arr[...] = mask
+        _consolidate(self._path)
+
     # ------------------------------------------------------------------ helpers
     def _array(self, name: str):
         arr = self._arrays.get(name)
         if arr is None:
             arr = self._group[name]
+            if name in self._metrics:  # every tile gets a chunk file, even an all-NaN one
+                arr = arr.with_config({"write_empty_chunks": True})
             self._arrays[name] = arr
         return arr
+
+    @property
+    def _has_records(self) -> bool:
+        return self._integrity is not None
+
+    def _chunk_key(self, name: str, t: Tile) -> str:
+        """The chunk file of metric ``name`` for tile ``t``, relative to the store."""
+        return self._chunk_key_of(name, t.index)
+
+    def _chunk_key_of(self, name: str, index: tuple[int, ...]) -> str:
+        try:
+            encode = self._array(name).metadata.encode_chunk_key
+        except Exception:  # noqa: BLE001 - metadata unreadable: the default v3 encoding
+            return f"{name}/c/" + "/".join(str(i) for i in index)
+        return f"{name}/{encode(tuple(index))}"
+
+    def _record_path(self, index: tuple[int, ...]) -> Path:
+        return self._path.joinpath(*_RECORDS_DIR, ".".join(str(i) for i in index) + ".json")
 
     def _resolve_tile(self, tile: Tile | tuple[int, ...], where: str) -> Tile:
         counts = self._grid.tile_grid_shape(self._tile_shape)
@@ -531,6 +1009,132 @@ class LandscapeStore:
                 f"{self._tile_shape} puts it at {expected.slices}; take tiles from store.tiles()."
             )
         return expected
+
+
+def verify_store(path: str | os.PathLike, *, repair: bool = False) -> VerifyReport:
+    """Check a landscape store before reuse, even one whose ``done`` mask is gone.
+
+    Like :meth:`LandscapeStore.verify`, but opens the store itself (mode ``"r+"`` when
+    repairing, else ``"r"``), so it also works when :meth:`LandscapeStore.open` refuses a
+    store with a missing or damaged ``done`` mask.
+
+    Args:
+        path: the store.
+        repair: see :meth:`LandscapeStore.verify`.
+
+    Raises:
+        StoreError: no landscape store at ``path``, or one that cannot be repaired (a metric
+            or coordinate array is missing).
+    """
+    store = LandscapeStore._open(path, "r+" if repair else "r")
+    return store.verify(repair=repair)
+
+
+def _build(tmp, root_attrs, grid, dims, metrics, tile_shape, counts, tile_dims, dir_array):
+    """Write a new store's arrays into the (temporary) directory ``tmp``."""
+    zarr = _import_zarr()
+    group = zarr.create_group(store=str(tmp), zarr_format=3, attributes=root_attrs)
+    for d, a in zip(dims, grid.axes, strict=True):
+        arr = group.create_array(
+            d,
+            shape=a.shape,
+            dtype="float64",
+            chunks=a.shape,
+            dimension_names=(d,),
+            fill_value=np.nan,
+        )
+        arr[...] = a
+    for m in metrics:
+        group.create_array(
+            m,
+            shape=grid.shape,
+            dtype="float64",
+            chunks=tile_shape,
+            fill_value=np.nan,
+            dimension_names=dims,
+            attributes={"long_name": m},
+        )
+    group.create_array(
+        "done",
+        shape=counts,
+        dtype="bool",
+        chunks=counts,
+        fill_value=False,
+        dimension_names=tile_dims,
+        attributes={
+            "description": "True where the tile's values are final (set by the "
+            "driver after a tile's write_tile returned)."
+        },
+    )
+    if dir_array is not None:
+        from landscapes.directions_store import MANIFEST_KEY, _manifest
+
+        k, n = dir_array.shape
+        chunk = min(n, DIRECTIONS_CHUNK_ELEMENTS)
+        arr = group.create_array(
+            "directions",
+            shape=(k, n),
+            dtype=dir_array.dtype,
+            chunks=(k, chunk),
+            fill_value=np.nan,  # a missing chunk reads as NaN, never as a silent zero
+            dimension_names=("direction", "parameter"),
+            attributes={MANIFEST_KEY: _manifest(dir_array, chunk)},
+            config={"write_empty_chunks": True},
+        )
+        arr[...] = dir_array
+    group.create_group(
+        _RECORDS_DIR[0],
+        attributes={
+            **_INTEGRITY,
+            "description": "tiles/<i>.<j>.json: size and sha256 of each metric's chunk file "
+            "of a written tile, recorded by its writer; checked by LandscapeStore.verify.",
+        },
+    )
+    (Path(tmp).joinpath(*_RECORDS_DIR)).mkdir()
+    _consolidate(Path(tmp))
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:200]}" if text else type(exc).__name__
+
+
+def _missing_chunk_files(p: Path, name: str, arr: Any) -> list[str]:
+    """Chunk files of array ``name`` (every chunk of its grid) that are absent."""
+    grid = [math.ceil(s / c) for s, c in zip(arr.shape, arr.chunks, strict=True)]
+    missing = []
+    for index in np.ndindex(*grid):
+        key = f"{name}/{arr.metadata.encode_chunk_key(tuple(int(i) for i in index))}"
+        if not (p / key).is_file():
+            missing.append(key)
+    return missing
+
+
+def _array_state(p: Path, name: str) -> Literal["ok", "missing", "unreadable"]:
+    """Whether ``<p>/<name>/zarr.json`` holds array metadata (cheap: one small file read)."""
+    meta = p / name / "zarr.json"
+    try:
+        doc = json.loads(meta.read_text())
+    except FileNotFoundError:
+        return "missing"
+    except (OSError, ValueError):
+        return "unreadable"
+    return "ok" if isinstance(doc, dict) and doc.get("node_type") == "array" else "unreadable"
+
+
+def _done_mask_message(p: Path, state: str, detail: str = "") -> str:
+    what = {
+        "missing": "has no done mask (the array 'done' is missing)",
+        "unreadable": "has a damaged done mask (the array 'done' cannot be read"
+        + (f": {detail}" if detail else "")
+        + ")",
+    }[state]
+    return (
+        f"landscape store at {p} {what}, so which tiles are finished is unknown. Repair it with "
+        f"landscapes.verify_store({str(p)!r}, repair=True), which rebuilds the mask from the "
+        "tiles' checksum records (tiles that fail their check are left to recompute), then "
+        "re-run the same command to resume."
+    )
 
 
 def _read_root_attrs(p: Path) -> dict[str, Any]:

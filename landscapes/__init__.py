@@ -3,6 +3,8 @@
 The library is pure torch/numpy; the Hydra + MLflow pipeline lives in ``pipelines/``.
 """
 
+from landscapes.adapters import Forward, Output
+from landscapes.bn import recalibrate_bn
 from landscapes.compat import (
     linear_interpolation,
     planar_interpolation,
@@ -18,6 +20,7 @@ from landscapes.directions import (
     random_direction,
 )
 from landscapes.errors import (
+    AdapterError,
     CheckpointError,
     CheckpointNotFoundError,
     ConfigurationError,
@@ -25,20 +28,30 @@ from landscapes.errors import (
     FallbackWarning,
     LandscapesError,
     LandscapesWarning,
+    MetricValueError,
     ShapeMismatchError,
     StoreError,
 )
 from landscapes.evaluate import Evaluator, evaluate, evaluate_tile
 from landscapes.grid import Grid, Tile, axis
 from landscapes.landscape import Landscape
-from landscapes.metrics import Accuracy, DatasetMetric, Loss, Metric, MetricPipeline
+from landscapes.metrics import (
+    Accuracy,
+    DatasetMetric,
+    Loss,
+    Metric,
+    MetricPipeline,
+    ModelLoss,
+    Perplexity,
+)
 from landscapes.params import ParameterSpace, TensorSpec
 from landscapes.wrappers import GeneralModelWrapper, ModelWrapper, SimpleModelWrapper, wrap_model
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Accuracy", "CheckpointError", "CheckpointNotFoundError", "ConfigurationError", "DatasetMetric",
+    "Accuracy", "AdapterError", "Forward", "MetricValueError", "ModelLoss", "Output", "Perplexity",
+    "recalibrate_bn", "CheckpointError", "CheckpointNotFoundError", "ConfigurationError", "DatasetMetric",
     "EvaluationError", "Evaluator", "FallbackWarning", "GeneralModelWrapper", "Grid", "Landscape",
     "LandscapesError", "LandscapesWarning", "Loss", "Metric", "MetricPipeline", "ModelWrapper",
     "ParameterSpace", "ShapeMismatchError", "SimpleModelWrapper", "StoreError", "TensorSpec", "Tile",

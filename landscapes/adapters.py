@@ -27,7 +27,10 @@ from torch import nn
 
 from landscapes.errors import AdapterError, ConfigurationError
 
-__all__ = ["Forward", "Output", "ForwardSpec", "OutputSpec", "FORWARDS", "OUTPUTS", "first_tensor", "map_tensors"]
+__all__ = [
+    "Forward", "Output", "ForwardSpec", "OutputSpec", "FORWARDS", "OUTPUTS", "first_tensor",
+    "map_tensors", "without_key",
+]
 
 ForwardSpec = Literal["auto", "call", "star", "kwargs"] | Callable[[nn.Module, Any], Any]
 OutputSpec = Literal["auto", "logits", "loss"] | int | Callable[[Any], torch.Tensor]
@@ -81,6 +84,20 @@ class Forward:
             if problem is None:
                 raise  # the signature fits: the TypeError comes from inside the model
             raise AdapterError(self._explain(kind, batch, problem)) from err
+
+    def takes(self, model: Callable[..., Any], key: str) -> bool:
+        """Whether a mapping batch's ``key`` (its targets) should reach ``model``: always for
+        ``"call"`` and callables (they get the whole batch), for ``"kwargs"`` and ``"auto"``
+        when the model's forward names it or takes ``**kwargs`` (as HuggingFace models take
+        ``labels``)."""
+        if self.how not in ("auto", "kwargs"):
+            return True
+        fn = model.forward if isinstance(model, nn.Module) else model
+        try:
+            params = inspect.signature(fn).parameters.values()
+        except (TypeError, ValueError):
+            return True
+        return any(p.name == key or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
 
     def _explain(self, kind: str, batch: Any, problem: str) -> str:
         if kind == "kwargs":
@@ -243,6 +260,13 @@ def map_tensors(fn: Callable[[torch.Tensor], Any], x: Any) -> Any:
         except TypeError:
             return items
     return x
+
+
+def without_key(batch: Any, key: str) -> Any:
+    """A mapping batch without ``key``; anything else as it is."""
+    if isinstance(batch, Mapping) and key in batch:
+        return {k: v for k, v in batch.items() if k != key}
+    return batch
 
 
 def first_tensor(x: Any) -> torch.Tensor | None:

@@ -25,7 +25,15 @@ from torch import nn
 
 from landscapes import allocator, batched
 from landscapes._checks import check_choice, check_positive_int
-from landscapes.adapters import Forward, ForwardSpec, Output, OutputSpec, map_tensors, tensor_bytes
+from landscapes.adapters import (
+    Forward,
+    ForwardSpec,
+    Output,
+    OutputSpec,
+    map_tensors,
+    tensor_bytes,
+    without_key,
+)
 from landscapes.bn import BN_MODULES, recalibrate_bn
 from landscapes.errors import (
     ConfigurationError,
@@ -151,6 +159,7 @@ class Evaluator:
         self._readers = [_readers(group, self.output_adapter) for group in self._groups]
         self._cached_batches: dict[tuple[int, int], tuple[Any, Any]] = {}
         self._bn_inputs: list[Any] | None = None
+        self._takes_key: dict[str, bool] = {}
         self._first_cache: dict[int, dict[str, torch.Tensor]] = {}
 
         self.basis = self._stack(directions)  # (k, n)
@@ -573,11 +582,26 @@ class Evaluator:
             key = data.key
             if key not in self._cached_batches:
                 x, y = next(iter(data))
-                self._cached_batches[key] = (_to(x, self.device), _to(y, self.device))
+                self._cached_batches[key] = (self._inputs(x, data.target_key), _to(y, self.device))
             yield self._cached_batches[key]
             return
         for x, y in data:
-            yield _to(x, self.device), _to(y, self.device)
+            yield self._inputs(x, data.target_key), _to(y, self.device)
+
+    def _inputs(self, x: Any, target_key: str) -> Any:
+        """A batch's inputs on the device; a mapping without its targets when the model's
+        forward does not take them."""
+        if isinstance(x, torch.Tensor):
+            return x.to(self.device, non_blocking=True)
+        if isinstance(x, Mapping) and target_key in x and not self._takes(target_key):
+            x = without_key(x, target_key)
+        return _to(x, self.device)
+
+    def _takes(self, key: str) -> bool:
+        if key not in self._takes_key:
+            adapter = getattr(self.wrapper, "forward_adapter", None)
+            self._takes_key[key] = adapter is None or adapter.takes(self.root, key)
+        return self._takes_key[key]
 
     @contextlib.contextmanager
     def _model_state(self, writes: bool = True) -> Iterator[None]:

@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from landscapes.adapters import Output, OutputSpec, first_tensor, map_tensors
+from landscapes.adapters import Output, OutputSpec, first_tensor, map_tensors, without_key
 from landscapes.errors import ConfigurationError, ShapeMismatchError
-from landscapes.wrappers import ModelWrapper
+from landscapes.wrappers import ModelWrapper, wrap_model
 
 __all__ = [
     "Metric", "MetricPipeline", "DatasetMetric", "Loss", "Accuracy", "Perplexity", "ModelLoss",
@@ -159,13 +159,17 @@ class DatasetMetric(Metric):
     def _compute(self, total: torch.Tensor, weight: float) -> torch.Tensor:
         return total / weight
 
-    def __call__(self, model_wrapper: ModelWrapper) -> float:
+    def __call__(self, model_wrapper: ModelWrapper | nn.Module) -> float:
+        model_wrapper = wrap_model(model_wrapper)
         device = _device_of(model_wrapper)
         read = self.output or Output()
+        adapter = getattr(model_wrapper, "forward_adapter", None)
+        key = self.data.target_key
+        strip = adapter is not None and not adapter.takes(model_wrapper.root, key)
         total, weight = torch.zeros(1, dtype=torch.float64), 0.0
         with torch.no_grad():
             for x, y in self.data:
-                x, y = _to(x, device), _to(y, device)
+                x, y = _to(without_key(x, key) if strip else x, device), _to(y, device)
                 out = read(model_wrapper.forward(x))
                 total += self._update(out.unsqueeze(0), y).cpu()
                 weight += self._weight(y)
@@ -238,6 +242,9 @@ class Loss(DatasetMetric):
             return fast * scale
         values = [self.loss_fn(o, target) for o in outputs]
         return torch.stack([v.detach().reshape(()) for v in values]).double() * scale
+
+    def _compute(self, total: torch.Tensor, weight: float) -> torch.Tensor:
+        return total if self._sum else total / weight  # reduction="sum": the dataset's sum
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_counts": None}

@@ -161,11 +161,8 @@ class Output:
                 got = out[0]
         elif what in ("logits", "loss"):
             got = _field(out, what)
-        elif isinstance(what, int):
-            try:
-                got = out[what]
-            except (TypeError, IndexError, KeyError):
-                got = None
+        elif isinstance(what, int):  # an element of a tuple or list, never a row of a tensor
+            got = out[what] if isinstance(out, (tuple, list)) and -len(out) <= what < len(out) else None
         else:
             got = what(out)
         if not isinstance(got, torch.Tensor):
@@ -184,7 +181,10 @@ class Output:
         elif callable(self.what):
             wanted = f"a tensor from {self.describe()}, got {type(got).__name__}"
         else:
-            wanted = f"a tensor at {self.what!r}" + (" (HuggingFace models return a loss only when the batch has labels)" if self.what == "loss" else "")
+            wanted = f"a tensor at {self.what!r}" + (
+                " (HuggingFace models return a loss only when the batch has labels)" if self.what == "loss"
+                else " of a tuple or list" if isinstance(self.what, int) else ""
+            )
         return (
             f"output={self.describe()!r}: the model returned a {kind}{fields}; expected {wanted}. "
             "Set the output adapter: output='logits', 'loss', an element index such as 0, or a "

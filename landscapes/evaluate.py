@@ -251,30 +251,36 @@ class Evaluator:
             return "loop", "requested"
         if requested in ("auto", "batched"):
             plan = batched.sequential_plan(self.root)
-            if plan is not None and self._verify(plan):
+            why = "the model is not one" if plan is None else self._verify(plan)
+            if why is None:
                 return "batched", "plain Sequential MLP: hand-batched tiles"
             if requested == "batched":
                 warnings.warn(
                     "evaluate: strategy='batched' needs a plain nn.Sequential of Linear, "
-                    "BatchNorm1d, Flatten, Dropout and elementwise activations; using 'vmap'.",
+                    "BatchNorm1d, Flatten, Dropout and elementwise activations, called on a tensor "
+                    f"batch and returning a tensor ({why}); using 'vmap'.",
                     FallbackWarning, stacklevel=3,
                 )
-                return "vmap", "requested batched, model not a plain Sequential"
+                return "vmap", f"requested batched: {why}"
         if requested == "vmap":
             return "vmap", "requested"
         if self.device.type == "cuda":
             return "vmap", "CUDA: batched tiles with vmap"
         return "loop", "CPU: a per-point loop beats vmap here (see docs/benchmarks.md)"
 
-    def _verify(self, plan: batched.SequentialPlan) -> bool:
-        """Check the batched plan against the model's own forward at θ0 on a little data."""
+    def _verify(self, plan: batched.SequentialPlan) -> str | None:
+        """Check the batched plan against the model's own forward at θ0 on a little data:
+        None when it agrees, else why not."""
         batch = self._probe_batch()
-        if batch is None or not isinstance(batch[0], torch.Tensor):
-            return False
+        if batch is None:
+            return "no data to check it on"
+        if not isinstance(batch[0], torch.Tensor):
+            return f"the batch is a {type(batch[0]).__name__}"
         if self.wrapper.forward_adapter.how not in ("auto", "call"):
-            return False
-        if any(not r.plain for readers, _ in self._readers for r in readers):
-            return False
+            return f"forward={self.wrapper.forward_adapter.describe()!r}"
+        outputs = [r.describe() for readers, _ in self._readers for r in readers if not r.plain]
+        if outputs:
+            return f"metrics read output={outputs[0]!r}"
         x = batch[0][:8].clone()  # a model may work in place on its input
         self.plan = plan
         self._prepare_first()
@@ -283,13 +289,16 @@ class Evaluator:
                 zero = torch.zeros(2, self.k, device=self.device, dtype=self.dtype)
                 got = [self._batched_forward(x, zero, each) for each in (False, True)]
                 want = self.root(x)
-            except Exception:  # noqa: BLE001 - any failure means: not this path
+            except Exception as err:  # noqa: BLE001 - any failure means: not this path
                 self.plan, self._first = None, None
-                return False
-        if not isinstance(want, torch.Tensor) or any(g.shape[1:] != want.shape or not torch.allclose(g, want.expand_as(g), rtol=1e-4, atol=1e-5) for g in got):
+                return f"its batched forward failed: {type(err).__name__}"
+        if not isinstance(want, torch.Tensor):
             self.plan, self._first = None, None
-            return False
-        return True
+            return f"the model returns a {type(want).__name__}"
+        if any(g.shape[1:] != want.shape or not torch.allclose(g, want.expand_as(g), rtol=1e-4, atol=1e-5) for g in got):
+            self.plan, self._first = None, None
+            return "its forward does more than run its Sequential"
+        return None
 
     def _prepare_first(self) -> None:
         """The first Linear layer's origin and basis rows for the shortcut (when its input is

@@ -228,3 +228,32 @@ def test_adapter_objects_check_their_options() -> None:
     assert L.Output(0)((torch.ones(1), 2)).shape == (1,)
     with pytest.raises(L.ConfigurationError, match=r"output=True is not an option"):
         L.Output(True)
+    with pytest.raises(L.AdapterError, match=r"returned a Tensor; expected a tensor at 0 of a tuple or list"):
+        L.Output(0)(torch.ones(3, 2))  # never a row of the output
+
+
+def _same(out):
+    return out
+
+
+def _call(model, batch):
+    return model(batch)
+
+
+@pytest.mark.parametrize(
+    "make,why",
+    [
+        (lambda x, y: (nn.Sequential(nn.Linear(6, 3)), {"output": _same}, L.Loss(nn.CrossEntropyLoss(), x, y)), r"metrics read output='_same'"),
+        (lambda x, y: (nn.Sequential(nn.Linear(6, 3)), {"forward": _call}, L.Loss(nn.CrossEntropyLoss(), x, y)), r"forward='_call'"),
+        (lambda x, y: (nn.Sequential(nn.Linear(6, 3)), {}, L.Loss(nn.CrossEntropyLoss(), [x], y)), r"the batch is a list"),
+    ],
+    ids=["output", "forward", "list-batch"],
+)
+def test_batched_strategy_names_why_it_falls_back(make, why, data) -> None:
+    x, y = data
+    model, options, metric = make(x, y)
+    with pytest.warns(FallbackWarning, match=why):
+        ev = L.Evaluator(model, metric, _dirs(model), strategy="batched", **options)
+    assert ev.strategy == "vmap"
+    want = L.evaluate(model.eval(), L.Loss(nn.CrossEntropyLoss(), x, y), _dirs(model), AXES)
+    np.testing.assert_allclose(L.evaluate(model, metric, _dirs(model), AXES, strategy="vmap", **options)["loss"], want["loss"], rtol=RTOL)

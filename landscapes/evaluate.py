@@ -9,6 +9,12 @@
 
 Every strategy shares each data batch across the tile's points, and computes every point as
 ``origin + Σ cᵢ·basisᵢ`` from scratch, one matrix product per chunk of the tile.
+
+A batch may be a tensor, a tuple or a mapping (nested); the ``forward`` adapter says how it
+reaches the model and the ``output`` adapter what of the output the metrics read (see
+:mod:`landscapes.adapters`). BatchNorm runs with θ0's running statistics (``eval``), batch
+statistics (``train``), or statistics re-estimated at each point (``recompute_bn``, see
+:mod:`landscapes.bn`); dropout stays off unless the model's own modes are kept (``as_is``).
 """
 
 from __future__ import annotations

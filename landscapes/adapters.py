@@ -137,6 +137,8 @@ class Output:
     def __init__(self, what: OutputSpec = "auto"):
         if isinstance(what, Output):
             what = what.what
+        if isinstance(what, str) and what.lstrip("-").isdigit():
+            what = int(what)  # "0" from a config, where a field holds one type
         ok = callable(what) or what in OUTPUTS or (isinstance(what, int) and not isinstance(what, bool))
         if not ok:
             shown = ", ".join(repr(c) for c in OUTPUTS)

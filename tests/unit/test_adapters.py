@@ -226,6 +226,7 @@ def test_plain_tensors_keep_the_batched_fast_path(mlp, data) -> None:
 def test_adapter_objects_check_their_options() -> None:
     assert L.Forward("star") == L.Forward(L.Forward("star"))
     assert L.Output(0)((torch.ones(1), 2)).shape == (1,)
+    assert L.Output("1") == L.Output(1)  # a config's string field
     with pytest.raises(L.ConfigurationError, match=r"output=True is not an option"):
         L.Output(True)
     with pytest.raises(L.AdapterError, match=r"returned a Tensor; expected a tensor at 0 of a tuple or list"):

@@ -3,6 +3,8 @@
 The library is pure torch/numpy; the Hydra + MLflow pipeline lives in ``pipelines/``.
 """
 
+from landscapes.adapters import Forward, Output
+from landscapes.bn import recalibrate_bn
 from landscapes.compat import (
     linear_interpolation,
     planar_interpolation,
@@ -24,6 +26,7 @@ from landscapes.directions_store import (
     verify_directions,
 )
 from landscapes.errors import (
+    AdapterError,
     CheckpointError,
     CheckpointNotFoundError,
     ConfigurationError,
@@ -33,6 +36,7 @@ from landscapes.errors import (
     LandscapesError,
     LandscapesWarning,
     LockTimeoutError,
+    MetricValueError,
     ShapeMismatchError,
     StoreError,
     StoreWriteError,
@@ -41,7 +45,15 @@ from landscapes.evaluate import Evaluator, evaluate, evaluate_tile
 from landscapes.grid import Grid, Tile, axis
 from landscapes.integrity import file_lock
 from landscapes.landscape import Landscape
-from landscapes.metrics import Accuracy, DatasetMetric, Loss, Metric, MetricPipeline
+from landscapes.metrics import (
+    Accuracy,
+    DatasetMetric,
+    Loss,
+    Metric,
+    MetricPipeline,
+    ModelLoss,
+    Perplexity,
+)
 from landscapes.params import ParameterSpace, TensorSpec
 from landscapes.store import LandscapeStore, TileDamage, VerifyReport, verify_store
 from landscapes.wrappers import GeneralModelWrapper, ModelWrapper, SimpleModelWrapper, wrap_model
@@ -49,7 +61,8 @@ from landscapes.wrappers import GeneralModelWrapper, ModelWrapper, SimpleModelWr
 __version__ = "0.1.0"
 
 __all__ = [
-    "Accuracy", "CheckpointError", "CheckpointNotFoundError", "ConfigurationError", "DatasetMetric",
+    "Accuracy", "AdapterError", "Forward", "MetricValueError", "ModelLoss", "Output", "Perplexity",
+    "recalibrate_bn", "CheckpointError", "CheckpointNotFoundError", "ConfigurationError", "DatasetMetric",
     "EvaluationError", "Evaluator", "FallbackWarning", "GeneralModelWrapper", "Grid", "Landscape",
     "LandscapesError", "LandscapesWarning", "Loss", "Metric", "MetricPipeline", "ModelWrapper",
     "ParameterSpace", "ShapeMismatchError", "SimpleModelWrapper", "StoreError", "TensorSpec", "Tile",

@@ -11,6 +11,15 @@ class ConfigurationError(LandscapesError, ValueError):
     """An argument or option has a value the library cannot use."""
 
 
+class AdapterError(ConfigurationError):
+    """A batch does not fit the model's call, or the output has nothing the metrics can read;
+    the message names the ``forward`` or ``output`` adapter option to set."""
+
+
+class MetricValueError(ConfigurationError):
+    """A custom metric returned something that is not one number."""
+
+
 class ShapeMismatchError(LandscapesError, ValueError):
     """Tensors (directions, checkpoints, coordinates) do not match the model's shapes."""
 

@@ -9,6 +9,12 @@
 
 Every strategy shares each data batch across the tile's points, and computes every point as
 ``origin + Σ cᵢ·basisᵢ`` from scratch, one matrix product per chunk of the tile.
+
+A batch may be a tensor, a tuple or a mapping (nested); the ``forward`` adapter says how it
+reaches the model and the ``output`` adapter what of the output the metrics read (see
+:mod:`landscapes.adapters`). BatchNorm runs with θ0's running statistics (``eval``), batch
+statistics (``train``), or statistics re-estimated at each point (``recompute_bn``, see
+:mod:`landscapes.bn`); dropout stays off unless the model's own modes are kept (``as_is``).
 """
 
 from __future__ import annotations
@@ -25,10 +31,23 @@ from torch import nn
 
 from landscapes import allocator, batched
 from landscapes._checks import check_choice, check_positive_int
+from landscapes.adapters import (
+    Forward,
+    ForwardSpec,
+    Output,
+    OutputSpec,
+    map_tensors,
+    tensor_bytes,
+    without_key,
+)
+from landscapes.bn import BN_MODULES, recalibrate_bn
 from landscapes.errors import (
     ConfigurationError,
     EvaluationError,
     FallbackWarning,
+    LandscapesError,
+    LandscapesWarning,
+    MetricValueError,
     ShapeMismatchError,
 )
 from landscapes.grid import Grid, Tile, tile_shape_for
@@ -40,9 +59,11 @@ from landscapes.wrappers import ModelWrapper, SimpleModelWrapper, wrap_model
 __all__ = ["Evaluator", "evaluate", "evaluate_tile", "Strategy", "ModelMode"]
 
 Strategy = Literal["auto", "loop", "vmap", "batched"]
-ModelMode = Literal["eval", "train", "as_is"]
+ModelMode = Literal["eval", "train", "recompute_bn", "as_is"]
 STRATEGIES = ("auto", "loop", "vmap", "batched")
-MODEL_MODES = ("eval", "train", "as_is")
+MODEL_MODES = ("eval", "train", "recompute_bn", "as_is")
+#: Batches that re-estimate BatchNorm statistics at each point with model_mode="recompute_bn".
+BN_BATCHES = 10
 
 #: Default memory budget (bytes) for a tile on a CPU; on CUDA half the free memory is used.
 CPU_MEMORY_BUDGET = 1 << 30
@@ -79,10 +100,23 @@ class Evaluator:
             end points must be exact.
         device: where to evaluate; default the model's device. Another device works on a copy.
         strategy: ``"auto"`` chooses per model (see :meth:`_choose`).
-        model_mode: ``"eval"`` (default: BatchNorm uses its running statistics, dropout off),
-            ``"train"`` (batch statistics; forces the loop) or ``"as_is"``.
+        model_mode: how BatchNorm normalizes (dropout stays off except with ``"as_is"``):
+            ``"eval"`` (default) with θ0's running statistics at every point; ``"train"`` with
+            each batch's own statistics (forces the loop); ``"recompute_bn"`` with statistics
+            re-estimated at each point from the first ``bn_batches`` batches of the first
+            metric's data (the same batches at every point; a per-point loop); ``"as_is"``
+            in the modes the model's modules are in.
         memory_budget: bytes a tile may use; sets the tile size.
         max_batch_points: an upper bound on points per tile.
+        forward: how a batch reaches the model: ``"auto"`` (``model(x)`` for a tensor,
+            ``model(*x)`` for a tuple or list, ``model(**x)`` for a mapping), ``"call"``,
+            ``"star"``, ``"kwargs"``, or a callable ``forward(model, batch)``.
+        output: what of the model's output the metrics read (a metric's own ``output`` wins):
+            ``"auto"`` (a tensor itself, else its ``logits`` field, else element 0 of a
+            tuple), ``"logits"``, ``"loss"``, an element index, or a callable
+            ``output(model_output) -> tensor``.
+        bn_batches: with ``model_mode="recompute_bn"``, how many batches re-estimate the
+            statistics.
     """
 
     def __init__(
@@ -97,12 +131,17 @@ class Evaluator:
         model_mode: ModelMode = "eval",
         memory_budget: int | None = None,
         max_batch_points: int | None = None,
+        forward: ForwardSpec = "auto",
+        output: OutputSpec = "auto",
+        bn_batches: int = BN_BATCHES,
     ):
         strategy = check_choice("strategy", strategy, STRATEGIES, where="evaluate")
         self.model_mode = check_choice("model_mode", model_mode, MODEL_MODES, where="evaluate")
         check_positive_int("max_batch_points", max_batch_points, where="evaluate", allow_none=True)
         check_positive_int("memory_budget", memory_budget, where="evaluate", allow_none=True)
-        self.wrapper = wrap_model(model)
+        self.bn_batches = check_positive_int("bn_batches", bn_batches, where="evaluate")
+        self.output_adapter = Output(output)
+        self.wrapper = wrap_model(model, forward)
         self.root = self.wrapper.root
         self.device = _resolve_device(device, self.root)
         if _device_of(self.root) != self.device:  # never move the caller's model
@@ -122,7 +161,11 @@ class Evaluator:
         self.dataset_metrics = [m for m in self.metrics if isinstance(m, DatasetMetric)]
         self.custom_metrics = [m for m in self.metrics if not isinstance(m, DatasetMetric)]
         self._groups = _group_by_data(self.dataset_metrics)
+        # per group: the distinct output adapters its metrics read, and which each one reads
+        self._readers = [_readers(group, self.output_adapter) for group in self._groups]
         self._cached_batches: dict[tuple[int, int], tuple[Any, Any]] = {}
+        self._bn_inputs: list[Any] | None = None
+        self._takes_key: dict[str, bool] = {}
         self._first_cache: dict[int, dict[str, torch.Tensor]] = {}
 
         self.basis = self._stack(directions)  # (k, n)
@@ -169,11 +212,35 @@ class Evaluator:
         return basis
 
     def _choose(self, requested: str) -> tuple[str, str]:
-        train_only = [
-            type(m).__name__ for m in self.root.modules()
-            if isinstance(m, _TRAIN_ONLY) and (self.model_mode == "train" or (self.model_mode == "as_is" and m.training))
-        ]
+        if self.model_mode == "train":
+            train_only = [type(m).__name__ for m in self.root.modules() if isinstance(m, BN_MODULES)]
+        elif self.model_mode == "as_is":
+            train_only = [type(m).__name__ for m in self.root.modules() if isinstance(m, _TRAIN_ONLY) and m.training]
+            dropout = [
+                type(m).__name__ for m in self.root.modules()
+                if isinstance(m, nn.modules.dropout._DropoutNd) and m.training and m.p > 0
+            ]
+            if dropout:
+                warnings.warn(
+                    f"evaluate: model_mode='as_is' with {sorted(set(dropout))} in train mode: "
+                    "dropout is active, so every value is random (a different mask at each point "
+                    "and batch); use model_mode='train' for batch statistics with dropout off.",
+                    LandscapesWarning, stacklevel=3,
+                )
+        else:
+            train_only = []
         cannot = None
+        if self.model_mode == "recompute_bn":
+            if not self.dataset_metrics:
+                raise ConfigurationError(
+                    "evaluate: model_mode='recompute_bn' re-estimates BatchNorm statistics from "
+                    "the data of a dataset metric (Loss, Accuracy...); add one, or use "
+                    "model_mode='eval'."
+                )
+            cannot = "model_mode='recompute_bn' re-estimates BatchNorm statistics point by point"
+            if requested in ("vmap", "batched"):
+                warnings.warn(f"evaluate: using the per-point loop because {cannot}.", FallbackWarning, stacklevel=3)
+            return "loop", cannot
         if self.custom_metrics:
             cannot = f"custom metrics {[type(m).__name__ for m in self.custom_metrics]} follow the model-wrapper protocol"
         elif not self.functional:
@@ -190,26 +257,36 @@ class Evaluator:
             return "loop", "requested"
         if requested in ("auto", "batched"):
             plan = batched.sequential_plan(self.root)
-            if plan is not None and self._verify(plan):
+            why = "the model is not one" if plan is None else self._verify(plan)
+            if why is None:
                 return "batched", "plain Sequential MLP: hand-batched tiles"
             if requested == "batched":
                 warnings.warn(
                     "evaluate: strategy='batched' needs a plain nn.Sequential of Linear, "
-                    "BatchNorm1d, Flatten, Dropout and elementwise activations; using 'vmap'.",
+                    "BatchNorm1d, Flatten, Dropout and elementwise activations, called on a tensor "
+                    f"batch and returning a tensor ({why}); using 'vmap'.",
                     FallbackWarning, stacklevel=3,
                 )
-                return "vmap", "requested batched, model not a plain Sequential"
+                return "vmap", f"requested batched: {why}"
         if requested == "vmap":
             return "vmap", "requested"
         if self.device.type == "cuda":
             return "vmap", "CUDA: batched tiles with vmap"
         return "loop", "CPU: a per-point loop beats vmap here (see docs/benchmarks.md)"
 
-    def _verify(self, plan: batched.SequentialPlan) -> bool:
-        """Check the batched plan against the model's own forward at θ0 on a little data."""
+    def _verify(self, plan: batched.SequentialPlan) -> str | None:
+        """Check the batched plan against the model's own forward at θ0 on a little data:
+        None when it agrees, else why not."""
         batch = self._probe_batch()
-        if batch is None or not isinstance(batch[0], torch.Tensor):
-            return False
+        if batch is None:
+            return "no data to check it on"
+        if not isinstance(batch[0], torch.Tensor):
+            return f"the batch is a {type(batch[0]).__name__}"
+        if self.wrapper.forward_adapter.how not in ("auto", "call"):
+            return f"forward={self.wrapper.forward_adapter.describe()!r}"
+        outputs = [r.describe() for readers, _ in self._readers for r in readers if not r.plain]
+        if outputs:
+            return f"metrics read output={outputs[0]!r}"
         x = batch[0][:8].clone()  # a model may work in place on its input
         self.plan = plan
         self._prepare_first()
@@ -218,13 +295,16 @@ class Evaluator:
                 zero = torch.zeros(2, self.k, device=self.device, dtype=self.dtype)
                 got = [self._batched_forward(x, zero, each) for each in (False, True)]
                 want = self.root(x)
-            except Exception:  # noqa: BLE001 - any failure means: not this path
+            except Exception as err:  # noqa: BLE001 - any failure means: not this path
                 self.plan, self._first = None, None
-                return False
+                return f"its batched forward failed: {type(err).__name__}"
+        if not isinstance(want, torch.Tensor):
+            self.plan, self._first = None, None
+            return f"the model returns a {type(want).__name__}"
         if any(g.shape[1:] != want.shape or not torch.allclose(g, want.expand_as(g), rtol=1e-4, atol=1e-5) for g in got):
             self.plan, self._first = None, None
-            return False
-        return True
+            return "its forward does more than run its Sequential"
+        return None
 
     def _prepare_first(self) -> None:
         """The first Linear layer's origin and basis rows for the shortcut (when its input is
@@ -323,9 +403,8 @@ class Evaluator:
         handles = [m.register_forward_hook(hook) for m in leaves]
         try:
             with self._model_state(), torch.no_grad():
-                out = self.wrapper.forward(batch[0].clone())
-            if isinstance(out, torch.Tensor):
-                self._out_bytes = out.numel() * out.element_size()
+                out = self.wrapper.forward(map_tensors(torch.clone, batch[0]))
+            self._out_bytes = tensor_bytes(out)
         finally:
             for h in handles:
                 h.remove()
@@ -342,6 +421,8 @@ class Evaluator:
         if self.strategy == "vmap":
             try:
                 return self._run(c)
+            except LandscapesError:
+                raise  # our own message (an adapter, a metric): the loop would say the same
             except Exception as err:  # noqa: BLE001 - fall back, then re-raise if the loop fails too
                 warnings.warn(
                     f"evaluate: vmap failed ({type(err).__name__}: {str(err).splitlines()[0][:200]}); "
@@ -356,38 +437,82 @@ class Evaluator:
         return {n: v.reshape(tile.shape) for n, v in values.items()}
 
     def _run(self, c: torch.Tensor) -> dict[str, np.ndarray]:
-        m = c.shape[0]
-        results: dict[str, np.ndarray] = {}
         writes = self.strategy == "loop" or bool(self.custom_metrics)  # batched and vmap only read it
         with self.hold_memory(), self._model_state(writes), torch.no_grad():
-            for group in self._groups:
-                totals = torch.zeros(len(group), m, dtype=torch.float64)
-                weights = [0.0] * len(group)
-                for x, y in self._batches(group):
-                    for start, out in self._forward(x, c):
-                        for i, metric in enumerate(group):
-                            totals[i, start : start + out.shape[0]] += metric._update(out, y).cpu()
-                    for i, metric in enumerate(group):
-                        weights[i] += metric._weight(y)
-                for i, metric in enumerate(group):
-                    if weights[i] == 0:
-                        raise ConfigurationError(
-                            f"evaluate: the data of metric {metric.name!r} yielded no batches; "
-                            "give a non-empty dataset."
-                        )
-                    results[id(metric)] = metric._compute(totals[i], weights[i]).numpy()
-            if self.custom_metrics:
-                values = {id(metric): np.empty(m, dtype=np.float64) for metric in self.custom_metrics}
-                set_point = self._point_setter(self._points(c))
-                for p in range(m):
-                    set_point(p)
-                    for metric in self.custom_metrics:
-                        values[id(metric)][p] = _scalar(metric(self.wrapper), metric)
-                results.update(values)
+            if self.model_mode == "recompute_bn":
+                results = self._run_recalibrated(c)
+            else:
+                results = self._values(c, self._forward)
         return {name: results[id(metric)] for name, metric in zip(self.metric_names, self.metrics, strict=True)}
 
-    def _forward(self, x: Any, c: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
-        """Model outputs for every point of the tile on batch ``x``, as (first index, (m', N, ...)).
+    def _values(self, c: torch.Tensor, forward: Callable[..., Iterator[tuple[int, tuple[torch.Tensor, ...]]]], here: bool = False) -> dict[int, np.ndarray]:
+        """Every metric at the points ``c``: dataset metrics from the outputs ``forward`` yields,
+        custom metrics on the model set to each point (``here``: the model is at the point)."""
+        m = c.shape[0]
+        results: dict[int, np.ndarray] = {}
+        for group, (readers, which) in zip(self._groups, self._readers, strict=True):
+            totals = torch.zeros(len(group), m, dtype=torch.float64)
+            weights = [0.0] * len(group)
+            seen = 0
+            for x, y in self._batches(group):
+                seen += 1
+                for start, outs in forward(x, c, readers):
+                    for i, metric in enumerate(group):
+                        out = outs[which[i]]
+                        totals[i, start : start + out.shape[0]] += metric._update(out, y).cpu()
+                for i, metric in enumerate(group):
+                    weights[i] += metric._weight(y)
+            for i, metric in enumerate(group):
+                if seen == 0:
+                    raise ConfigurationError(
+                        f"evaluate: the data of metric {metric.name!r} yielded no batches; "
+                        "give a non-empty dataset."
+                    )
+                results[id(metric)] = metric._compute(totals[i], weights[i]).numpy()
+        if self.custom_metrics:
+            values = {id(metric): np.empty(m, dtype=np.float64) for metric in self.custom_metrics}
+            set_point = (lambda p: None) if here else self._point_setter(self._points(c))
+            for p in range(m):
+                set_point(p)
+                for metric in self.custom_metrics:
+                    values[id(metric)][p] = _scalar(metric(self.wrapper), metric, p)
+            results.update(values)
+        return results
+
+    def _run_recalibrated(self, c: torch.Tensor) -> dict[int, np.ndarray]:
+        """``model_mode="recompute_bn"``: at each point, BatchNorm statistics re-estimated from
+        the same batches, then every metric in eval mode with them."""
+        parts: list[dict[int, np.ndarray]] = []
+        inputs = self._recalibration_inputs()
+        for start in range(0, c.shape[0], CHUNK_POINTS):
+            cs = c[start : start + CHUNK_POINTS]
+            set_point = self._point_setter(self._points(cs))
+            for p in range(cs.shape[0]):
+                set_point(p)
+                recalibrate_bn(self.root, inputs, self.wrapper.forward)
+                parts.append(self._values(cs[p : p + 1], self._here, here=True))
+        return {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
+
+    def _here(self, x: Any, c: torch.Tensor, readers: Sequence[Output]) -> Iterator[tuple[int, tuple[torch.Tensor, ...]]]:
+        """The outputs of the model as it is (one point)."""
+        raw = self.wrapper.forward(x)
+        yield 0, tuple(r(raw).unsqueeze(0) for r in readers)
+
+    def _recalibration_inputs(self) -> list[Any]:
+        """The first ``bn_batches`` batches' inputs of the first metric's data, on the device,
+        read once (a shuffling DataLoader would give other batches on every pass)."""
+        if self._bn_inputs is None:
+            inputs = []
+            for x, _ in self._batches(self._groups[0]):
+                inputs.append(x)
+                if len(inputs) == self.bn_batches:
+                    break
+            self._bn_inputs = inputs
+        return self._bn_inputs
+
+    def _forward(self, x: Any, c: torch.Tensor, readers: Sequence[Output]) -> Iterator[tuple[int, tuple[torch.Tensor, ...]]]:
+        """Model outputs for every point of the tile on batch ``x``, as (first index, one
+        ``(m', N, ...)`` tensor per reader).
 
         The tile goes in chunks, each with its points' parameters ``origin + c·basis`` computed
         fresh, so they stay in cache however large the tile is.
@@ -396,12 +521,13 @@ class Evaluator:
         for start in range(0, c.shape[0], step):
             cs = c[start : start + step]
             if self.strategy == "loop":
-                for p, out in self._loop_forward(x, self._points(cs)):
-                    yield start + p, out
-            elif self.strategy == "batched":
-                yield start, self._batched_forward(x, cs, each=self.pass_points == 1 and len(cs) > 1)
+                for p, outs in self._loop_forward(x, self._points(cs), readers):
+                    yield start + p, outs
+            elif self.strategy == "batched":  # only with plain readers: the output as it is
+                out = self._batched_forward(x, cs, each=self.pass_points == 1 and len(cs) > 1)
+                yield start, (out,) * len(readers)
             else:
-                yield start, self._vmap_forward(x, self._points(cs))
+                yield start, self._vmap_forward(x, self._points(cs), readers)
 
     def _chunk_points(self) -> int:
         """Points computed together: a pass, or one-point passes whose outputs go to the metrics
@@ -412,20 +538,30 @@ class Evaluator:
             return _fit(CPU_BATCHED_TILE_BYTES, self._output_bytes(), CHUNK_POINTS)
         return CHUNK_POINTS
 
-    def _vmap_forward(self, x: Any, thetas: torch.Tensor) -> torch.Tensor:
+    def _vmap_forward(self, x: Any, thetas: torch.Tensor, readers: Sequence[Output]) -> tuple[torch.Tensor, ...]:
         params = self.space.unflatten(thetas)
         buffers = dict(self.root.named_buffers())
+        adapter = self.wrapper.forward_adapter
+        if isinstance(x, torch.Tensor) and adapter.how in ("auto", "call"):
+            module, prefix = self.root, ""
+        else:  # the adapter calls the model inside functional_call
+            module, prefix = _Bound(self.root, adapter), "model."
+            buffers = {prefix + n: b for n, b in buffers.items()}
 
-        def one(p: dict[str, torch.Tensor]) -> torch.Tensor:
-            return torch.func.functional_call(self.root, (p, buffers), (x,))
+        def one(p: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+            if prefix:
+                p = {prefix + n: t for n, t in p.items()}
+            raw = torch.func.functional_call(module, (p, buffers), (x,))
+            return tuple(r(raw) for r in readers)
 
         return torch.func.vmap(one, randomness="error")(params)
 
-    def _loop_forward(self, x: Any, thetas: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
+    def _loop_forward(self, x: Any, thetas: torch.Tensor, readers: Sequence[Output]) -> Iterator[tuple[int, tuple[torch.Tensor, ...]]]:
         set_point = self._point_setter(thetas)
         for p in range(thetas.shape[0]):
             set_point(p)
-            yield p, self.wrapper.forward(x).unsqueeze(0)
+            raw = self.wrapper.forward(x)
+            yield p, tuple(r(raw).unsqueeze(0) for r in readers)
 
     def _batched_forward(self, x: torch.Tensor, c: torch.Tensor, each: bool) -> torch.Tensor:
         """Outputs for the points ``c`` in one pass, or (``each``) one point after another."""
@@ -461,11 +597,26 @@ class Evaluator:
             key = data.key
             if key not in self._cached_batches:
                 x, y = next(iter(data))
-                self._cached_batches[key] = (_to(x, self.device), _to(y, self.device))
+                self._cached_batches[key] = (self._inputs(x, data.target_key), _to(y, self.device))
             yield self._cached_batches[key]
             return
         for x, y in data:
-            yield _to(x, self.device), _to(y, self.device)
+            yield self._inputs(x, data.target_key), _to(y, self.device)
+
+    def _inputs(self, x: Any, target_key: str) -> Any:
+        """A batch's inputs on the device; a mapping without its targets when the model's
+        forward does not take them."""
+        if isinstance(x, torch.Tensor):
+            return x.to(self.device, non_blocking=True)
+        if isinstance(x, Mapping) and target_key in x and not self._takes(target_key):
+            x = without_key(x, target_key)
+        return _to(x, self.device)
+
+    def _takes(self, key: str) -> bool:
+        if key not in self._takes_key:
+            adapter = getattr(self.wrapper, "forward_adapter", None)
+            self._takes_key[key] = adapter is None or adapter.takes(self.root, key)
+        return self._takes_key[key]
 
     @contextlib.contextmanager
     def _model_state(self, writes: bool = True) -> Iterator[None]:
@@ -479,7 +630,11 @@ class Evaluator:
         saved_buffers = [b.detach().clone() for b in buffers]
         try:
             if self.model_mode != "as_is":
-                self.root.train(self.model_mode == "train")
+                self.root.train(False)
+            if self.model_mode == "train":  # batch statistics; dropout stays off
+                for mod in modules:
+                    if isinstance(mod, BN_MODULES):
+                        mod.train(True)
             yield
         finally:
             with torch.no_grad():
@@ -494,6 +649,7 @@ class Evaluator:
         state = self.__dict__.copy()
         state["_cached_batches"] = {}
         state["_first_cache"] = {}
+        state["_bn_inputs"] = None
         return state
 
     def describe(self) -> dict[str, Any]:
@@ -507,6 +663,9 @@ class Evaluator:
             "device": str(self.device),
             "dtype": str(self.dtype).replace("torch.", ""),
             "model_mode": self.model_mode,
+            **({"bn_batches": self.bn_batches} if self.model_mode == "recompute_bn" else {}),
+            "forward": self.wrapper.forward_adapter.describe() if self.functional else type(self.wrapper).__name__,
+            "output": self.output_adapter.describe(),
             "cpu_allocator": "holds freed memory" if self._holds_memory() else "system",
             "num_parameters": self.space.numel,
             "num_directions": self.k,
@@ -528,6 +687,9 @@ def evaluate(
     dims: Sequence[str] | None = None,
     progress: bool = False,
     origin: Mapping[str, torch.Tensor] | None = None,
+    forward: ForwardSpec = "auto",
+    output: OutputSpec = "auto",
+    bn_batches: int = BN_BATCHES,
 ) -> Landscape:
     """Evaluate metrics on the grid ``θ0 + Σ axes[i][jᵢ]·directions[i]``.
 
@@ -541,10 +703,16 @@ def evaluate(
         strategy: ``"auto"``, ``"batched"``, ``"vmap"`` or ``"loop"``.
         max_batch_points: upper bound on grid points per tile.
         memory_budget: bytes per tile; default 1 GiB on a CPU, half the free memory on CUDA.
-        model_mode: ``"eval"`` (default), ``"train"`` or ``"as_is"``.
+        model_mode: ``"eval"`` (default), ``"train"``, ``"recompute_bn"`` or ``"as_is"``
+            (see :class:`Evaluator`).
         dims: axis names; default ``x``, ``y``, ``z``.
         progress: show a progress bar.
         origin: the point at coordinate 0 (default θ0, the model's parameters).
+        forward: how a batch reaches the model (``"auto"``, ``"call"``, ``"star"``,
+            ``"kwargs"`` or a callable ``forward(model, batch)``).
+        output: what of the output the metrics read (``"auto"``, ``"logits"``, ``"loss"``, an
+            index or a callable).
+        bn_batches: batches re-estimating BatchNorm statistics with ``"recompute_bn"``.
 
     Returns:
         A :class:`Landscape` with one array per metric, shaped like the grid.
@@ -561,6 +729,7 @@ def evaluate(
     evaluator = Evaluator(
         model, metric, directions, origin=origin, device=device, strategy=strategy,
         model_mode=model_mode, memory_budget=memory_budget, max_batch_points=max_batch_points,
+        forward=forward, output=output, bn_batches=bn_batches,
     )
     if evaluator.k != grid.ndim:
         raise ShapeMismatchError(
@@ -637,10 +806,28 @@ def _group_by_data(metrics: list[DatasetMetric]) -> list[list[DatasetMetric]]:
     return list(groups.values())
 
 
-def _scalar(value: Any, metric: Metric) -> float:
-    arr = np.asarray(value.detach().cpu() if isinstance(value, torch.Tensor) else value, dtype=np.float64)
+def _scalar(value: Any, metric: Metric, point: int = 0) -> float:
+    """The one number a custom metric returned: a Python or numpy number (bool included), or a
+    tensor or array of one element."""
+    if isinstance(value, torch.Tensor):
+        value = value.detach().cpu()
+    if isinstance(value, torch.Tensor):
+        numeric = not value.is_complex()
+    elif isinstance(value, np.ndarray):
+        numeric = value.dtype.kind in "biuf"
+    else:
+        numeric = isinstance(value, (int, float, np.integer, np.floating, np.bool_))
+    name = getattr(metric, "name", None) or type(metric).__name__
+    if not numeric:
+        shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+        raise MetricValueError(
+            f"evaluate: metric {name!r} ({type(metric).__name__}) returned {shown} (a "
+            f"{type(value).__name__}) at point {point}; a Metric must return one number: a float, "
+            "an int, a numpy number or a 0-d tensor."
+        )
+    arr = np.asarray(value, dtype=np.float64)
     if arr.size != 1:
-        raise ConfigurationError(
+        raise MetricValueError(
             f"metric {type(metric).__name__} returned an array of shape {arr.shape}; evaluate "
             "stores one number per point. Return a float (e.g. a norm of the array)."
         )
@@ -662,5 +849,29 @@ def _resolve_device(device: str | torch.device | None, root: nn.Module) -> torch
 
 def _copy_wrapper(wrapper: ModelWrapper, copy_fn: Callable[[Any], Any]) -> ModelWrapper:
     if type(wrapper) is SimpleModelWrapper:
-        return SimpleModelWrapper(copy_fn(wrapper.modules[0]))
+        return SimpleModelWrapper(copy_fn(wrapper.modules[0]), forward=wrapper.forward_adapter)
     return copy_fn(wrapper)
+
+
+def _readers(group: list[DatasetMetric], default: Output) -> tuple[list[Output], list[int]]:
+    """The distinct output adapters of ``group`` and, per metric, the index of the one it reads."""
+    readers: list[Output] = []
+    which = []
+    for metric in group:
+        reader = metric.output if metric.output is not None else default
+        if reader not in readers:
+            readers.append(reader)
+        which.append(readers.index(reader))
+    return readers, which
+
+
+class _Bound(nn.Module):
+    """``forward(model, batch)`` as a module, so ``functional_call`` can run any adapter."""
+
+    def __init__(self, model: nn.Module, forward: Forward):
+        super().__init__()
+        self.model = model
+        self.adapter = forward
+
+    def forward(self, batch: Any) -> Any:
+        return self.adapter(self.model, batch)

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from landscapes.adapters import Forward, ForwardSpec
 from landscapes.errors import ConfigurationError
 
 __all__ = ["ModelWrapper", "SimpleModelWrapper", "GeneralModelWrapper", "wrap_model"]
@@ -59,13 +60,25 @@ class ModelWrapper(abc.ABC):
 
 
 class SimpleModelWrapper(ModelWrapper):
-    """A single module whose ``__call__`` is the forward pass."""
+    """A single module whose ``__call__`` is the forward pass.
 
-    def __init__(self, model: nn.Module):
+    Args:
+        model: the module.
+        forward: how a batch reaches it (see :class:`landscapes.adapters.Forward`): by
+            default ``model(x)`` for a tensor, ``model(*x)`` for a tuple, ``model(**x)`` for
+            a mapping.
+    """
+
+    def __init__(self, model: nn.Module, forward: ForwardSpec = "auto"):
         super().__init__([model])
+        self.forward_adapter = Forward(forward)
 
-    def forward(self, x: Any) -> torch.Tensor:
-        return self.modules[0](x)
+    def forward(self, x: Any) -> Any:
+        return self.forward_adapter(self.modules[0], x)
+
+    def __setstate__(self, state: dict) -> None:  # wrappers pickled before adapters existed
+        self.__dict__.update(state)
+        self.__dict__.setdefault("forward_adapter", Forward())
 
 
 class GeneralModelWrapper(ModelWrapper):
@@ -82,12 +95,25 @@ class GeneralModelWrapper(ModelWrapper):
         return self.forward_fn(self.model, x)
 
 
-def wrap_model(model: nn.Module | ModelWrapper) -> ModelWrapper:
-    """``model`` itself if it is a wrapper, else a :class:`SimpleModelWrapper` around it."""
+def wrap_model(model: nn.Module | ModelWrapper, forward: ForwardSpec = "auto") -> ModelWrapper:
+    """``model`` itself if it is a wrapper, else a :class:`SimpleModelWrapper` around it.
+
+    A ``forward`` other than ``"auto"`` rewraps a :class:`SimpleModelWrapper`'s module; a
+    :class:`GeneralModelWrapper` runs its own ``forward_fn`` and takes no ``forward``.
+    """
+    adapter = Forward(forward)
+    if isinstance(model, SimpleModelWrapper) and adapter.how != "auto":
+        return SimpleModelWrapper(model.modules[0], forward=adapter)
     if isinstance(model, ModelWrapper):
+        if adapter.how != "auto" and not isinstance(model, SimpleModelWrapper):
+            raise ConfigurationError(
+                f"forward={adapter.describe()!r} applies to a torch.nn.Module; a "
+                f"{type(model).__name__} runs the model through its own forward_fn: do what the "
+                "adapter would there, and leave forward='auto'."
+            )
         return model
     if isinstance(model, nn.Module):
-        return SimpleModelWrapper(model)
+        return SimpleModelWrapper(model, forward=adapter)
     raise ConfigurationError(
         f"expected a torch.nn.Module or a ModelWrapper, got {type(model).__name__}; wrap other "
         "models with GeneralModelWrapper(model, modules, forward_fn)."

@@ -51,6 +51,5 @@ def require(name: str) -> ModuleType:
     """Import ``torchvision``, ``timm`` or ``transformers``, or skip the test without the extra."""
     if importlib.util.find_spec(name) is None:
         pytest.skip(f"{name} is not installed (pip install -e '.[models]')")
-    if name in ("torchvision", "timm"):
-        _declare_torchvision_ops()
+    _declare_torchvision_ops()  # transformers and timm import torchvision when it is installed
     return importlib.import_module(name)

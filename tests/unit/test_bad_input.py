@@ -15,7 +15,57 @@ X, Y = torch.randn(8, 6), torch.randint(0, 3, (8,))
 LOSS = L.Loss(nn.CrossEntropyLoss(), X, Y)
 D = L.random_direction(MODEL, seed=0)
 
+
+
+class _Returns(L.Metric):
+    """A custom metric returning a fixed value, as a buggy user metric would."""
+
+    def __init__(self, value, name):
+        self.value, self.name = value, name
+
+    def __call__(self, model_wrapper):
+        return self.value
+
+
+class _Keys(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, a):
+        return {"hidden": self.fc(a)}
+
+
+KEYS = _Keys()
+DICT_LOSS = L.Loss(nn.CrossEntropyLoss(), {"a": X, "zzz": X}, Y)
+KEYS_D = L.random_direction(KEYS, seed=0)
+
 CASES = [
+    pytest.param(lambda: L.evaluate(MODEL, _Returns(None, "nothing"), [D], [[0.0]]), L.MetricValueError,
+                 r"metric 'nothing' \(_Returns\) returned None \(a NoneType\) at point 0; a Metric must return one number", id="metric-none"),
+    pytest.param(lambda: L.evaluate(MODEL, _Returns("0.5", "text"), [D], [[0.0]]), L.MetricValueError,
+                 r"metric 'text' \(_Returns\) returned '0.5' \(a str\)", id="metric-str"),
+    pytest.param(lambda: L.evaluate(KEYS, DICT_LOSS, [KEYS_D], [[0.0]]), L.AdapterError,
+                 r"does not take the batch as model\(\*\*batch\) with keys \['a', 'zzz'\] \(got an unexpected keyword argument 'zzz'\)\. Set the forward adapter: forward='call'",
+                 id="forward-keys"),
+    pytest.param(lambda: L.evaluate(KEYS, L.Loss(nn.CrossEntropyLoss(), {"a": X}, Y), [KEYS_D], [[0.0]]), L.AdapterError,
+                 r"output='auto': the model returned a dict with keys \['hidden'\]; expected a tensor, a 'logits' field .* Set the output adapter: output='logits'",
+                 id="output-no-logits"),
+    pytest.param(lambda: L.evaluate(KEYS, L.ModelLoss({"a": X}), [KEYS_D], [[0.0]]), L.AdapterError,
+                 r"output='loss': the model returned a dict with keys \['hidden'\]; expected a tensor at 'loss'", id="output-no-loss"),
+    pytest.param(lambda: L.evaluate(MODEL, LOSS, [D], [[0.0]], forward="dict"), L.ConfigurationError,
+                 r"forward='dict' is not an option; choose one of 'auto', 'call', 'star', 'kwargs' or give a callable", id="forward-option"),
+    pytest.param(lambda: L.evaluate(MODEL, LOSS, [D], [[0.0]], output="probs"), L.ConfigurationError,
+                 r"output='probs' is not an option; choose one of 'auto', 'logits', 'loss', an element index", id="output-option"),
+    pytest.param(lambda: L.Loss(nn.CrossEntropyLoss(), {"input_ids": X}), L.ConfigurationError,
+                 r"the batch has keys \['input_ids'\] but no 'labels'; add the targets under 'labels'", id="mapping-no-labels"),
+    pytest.param(lambda: L.evaluate(MODEL, _Returns(1.0, "one"), [D], [[0.0]], model_mode="recompute_bn"), L.ConfigurationError,
+                 r"recompute_bn' re-estimates BatchNorm statistics from the data of a dataset metric", id="recompute-no-data"),
+    pytest.param(lambda: L.evaluate(MODEL, LOSS, [D], [[0.0]], model_mode="recompute_bn", bn_batches=0), L.ConfigurationError,
+                 r"bn_batches=0: expected a positive integer", id="bn-batches"),
+    pytest.param(lambda: L.point(MODEL, L.Perplexity(X, torch.randn(8, 3))), L.ShapeMismatchError,
+                 r"metric 'perplexity': outputs of shape \(8, 3\) do not hold class scores", id="perplexity-shape"),
+
     pytest.param(lambda: L.random_direction(MODEL, normalization="filters"), L.ConfigurationError,
                  r"normalization='filters' is not an option; choose one of 'filter', 'layer', 'model', None", id="normalization"),
     pytest.param(lambda: L.random_direction(MODEL, ignore="bias"), L.ConfigurationError, r"ignore='bias' is not an option", id="ignore"),

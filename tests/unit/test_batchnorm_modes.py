@@ -1,0 +1,145 @@
+"""BatchNorm's three honest modes: running statistics (eval), batch statistics with dropout off
+(train), and statistics re-estimated at each point from fixed batches (recompute_bn)."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import landscapes as L
+from landscapes.errors import FallbackWarning, LandscapesWarning
+from tests.conftest import assert_unchanged, make_cnn, snapshot
+
+RTOL = 1e-5
+
+
+def _bn_dropout_mlp() -> nn.Module:
+    torch.manual_seed(3)
+    model = nn.Sequential(
+        nn.Linear(6, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Dropout(0.5), nn.Linear(16, 3)
+    )
+    from tests.conftest import _randomize_bn
+
+    _randomize_bn(model)
+    return model.eval()
+
+
+def _moved(model: nn.Module, dirs, coords) -> nn.Module:
+    ref = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            p.add_(sum(float(c) * d[name] for c, d in zip(coords, dirs, strict=True)))
+    return ref
+
+
+def _update_bn_reference(model, dirs, coords, bn_batches, x, y) -> float:
+    """Deep copy at the point; reset statistics; the same batches in train mode with
+    momentum=None and no gradients; then the eval-mode loss on all the data."""
+    ref = _moved(model, dirs, coords)
+    bns = [m for m in ref.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    with torch.no_grad():
+        for m in bns:
+            m.reset_running_stats()
+            m.momentum = None
+            m.train()
+        for xb in bn_batches:
+            ref(xb)
+        ref.eval()
+        return F.cross_entropy(ref(x), y).item()
+
+
+@pytest.mark.parametrize("factory,data_name", [
+    pytest.param(lambda: make_cnn(batchnorm=True), "image_data", id="cnn-bn2d"),
+    pytest.param(_bn_dropout_mlp, "data", id="mlp-bn1d-dropout"),
+])
+def test_recompute_bn_equals_an_independent_reference(factory, data_name, request) -> None:
+    x, y = request.getfixturevalue(data_name)
+    model = factory()
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8)
+    dirs = [L.random_direction(model, seed=0), L.random_direction(model, seed=1)]
+    axes = [L.axis(-1, 1, 3), np.array([0.0, 0.7])]
+    before = snapshot(model)
+    land = L.evaluate(model, L.Loss(nn.CrossEntropyLoss(), loader), dirs, axes, model_mode="recompute_bn", bn_batches=3)
+    assert_unchanged(model, before)  # the model's own statistics, bit for bit
+    assert land.metadata["model_mode"] == "recompute_bn" and land.metadata["bn_batches"] == 3
+    assert land.metadata["strategy"] == "loop"
+    first = [x[i : i + 8] for i in range(0, 24, 8)]
+    for i, a in enumerate(axes[0]):
+        for j, b in enumerate(axes[1]):
+            want = _update_bn_reference(model, dirs, (a, b), first, x, y)
+            assert land["loss"][i, j] == pytest.approx(want, rel=RTOL)
+    # and it is not eval mode: θ0's statistics give other values away from θ0
+    stale = L.evaluate(model, L.Loss(nn.CrossEntropyLoss(), loader), dirs, axes)
+    assert not np.allclose(stale["loss"], land["loss"], rtol=1e-3)
+
+
+def test_recompute_bn_reads_the_same_batches_at_every_point(data) -> None:
+    """A shuffling DataLoader gives other batches on each pass; the statistics come from the
+    batches read once, so equal points get equal values."""
+    x, y = data
+    model = _bn_dropout_mlp()
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(x, y), batch_size=8, shuffle=True, generator=torch.Generator().manual_seed(0)
+    )
+    d = L.random_direction(model, seed=0)
+    land = L.evaluate(model, L.Loss(nn.CrossEntropyLoss(), loader), [d], [np.array([0.5, 0.5, 0.5])], model_mode="recompute_bn", bn_batches=2)
+    # the loss's own batches differ on each pass: equal up to the order of the sum
+    np.testing.assert_allclose(land["loss"], land["loss"][0], rtol=1e-6)
+
+
+@pytest.mark.parametrize("strategy", ["vmap", "batched"])
+def test_recompute_bn_falls_back_to_the_loop_with_a_warning(strategy, data) -> None:
+    x, y = data
+    model = _bn_dropout_mlp()
+    with pytest.warns(FallbackWarning, match="recompute_bn.*point by point"):
+        ev = L.Evaluator(model, L.Loss(nn.CrossEntropyLoss(), x, y), [L.random_direction(model, seed=0)], strategy=strategy, model_mode="recompute_bn")
+    assert ev.strategy == "loop"
+
+
+def test_recompute_bn_without_batchnorm_is_eval_mode(mlp, data) -> None:
+    x, y = data
+    dirs = [L.random_direction(mlp, seed=0)]
+    metric = L.Loss(nn.CrossEntropyLoss(), x, y)
+    a = L.evaluate(mlp, metric, dirs, [L.axis(-1, 1, 3)], model_mode="recompute_bn")
+    b = L.evaluate(mlp, metric, dirs, [L.axis(-1, 1, 3)], strategy="loop")
+    np.testing.assert_array_equal(a["loss"], b["loss"])
+
+
+def test_train_mode_uses_batch_statistics_with_dropout_off(data) -> None:
+    x, y = data
+    model = _bn_dropout_mlp()
+    dirs = [L.random_direction(model, seed=0)]
+    axes = [L.axis(-1, 1, 3)]
+    with pytest.warns(FallbackWarning, match="in train mode cannot be batched"):
+        land = L.evaluate(model, L.Loss(nn.CrossEntropyLoss(), x, y), dirs, axes, model_mode="train")
+    for i, c in enumerate(axes[0]):
+        ref = _moved(model, dirs, (c,)).eval()
+        ref[1].train()  # BatchNorm only: dropout stays off, so the value is deterministic
+        with torch.no_grad():
+            assert land["loss"][i] == pytest.approx(F.cross_entropy(ref(x), y).item(), rel=RTOL)
+
+
+def test_active_dropout_as_is_warns_that_values_are_random(data) -> None:
+    x, y = data
+    model = _bn_dropout_mlp().train()
+    with pytest.warns(LandscapesWarning, match="dropout is active, so every value is random"):
+        with pytest.warns(FallbackWarning):
+            L.Evaluator(model, L.Loss(nn.CrossEntropyLoss(), x, y), [L.random_direction(model, seed=0)], model_mode="as_is")
+
+
+def test_recalibrate_bn_leaves_modes_and_momentum() -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(2, 3), nn.BatchNorm1d(3, momentum=0.3), nn.Dropout(0.2)).eval()
+    xs = [torch.randn(5, 2), torch.randn(7, 2)]
+    assert L.recalibrate_bn(net, xs) == 2
+    assert not any(m.training for m in net.modules()) and net[1].momentum == 0.3
+    with torch.no_grad():
+        h = torch.cat([net[0](x) for x in xs])
+        means = torch.stack([net[0](x).mean(0) for x in xs]).mean(0)
+    torch.testing.assert_close(net[1].running_mean, means)
+    assert h.shape == (12, 3)

@@ -123,6 +123,7 @@ class ComputeConfig:
     threads_per_worker: int = 1
     scheduler: str | None = None  # address of an existing dask scheduler, e.g. tcp://host:8786
     connect_timeout: float = 10.0  # seconds to reach compute.scheduler
+    no_workers_timeout: float = 60.0  # seconds a dask cluster may have no workers before the run fails
     progress: bool = True
 
 
@@ -132,6 +133,7 @@ class TrackingConfig:
     experiment: str = "landscapes"
     run_name: str | None = None
     reuse: bool = True  # reuse finished stage runs with the same inputs
+    request_timeout: float = 30.0  # seconds an HTTP tracking server has to answer one call (all retries)
 
 
 @dataclass

@@ -45,6 +45,7 @@ class Stage:
     inputs: Callable[[Flow], Any]  # its inputs dataclass
     place: Callable[[Flow, str], dict[str, Any]] = lambda flow, key: {}  # where outputs go, from its key
     identity: Callable[[Flow, Any], str] | None = None  # what downstream keys see (default: its key)
+    intact: Callable[[Flow, Any], str | None] = lambda flow, out: None  # why finished outputs can't be reused
     enabled: Callable[[PipelineConfig], bool] = lambda cfg: True
 
 
@@ -65,7 +66,8 @@ def _run(stage: Stage, flow: Flow, parent_run_id: str, experiment_id: str) -> No
     inputs = dataclasses.replace(inputs, **stage.place(flow, key))
     try:
         out = tracking.run_stage(stage.name, stage.fn, flow.cfg, inputs, parent_run_id=parent_run_id,
-                                 experiment_id=experiment_id, key=key, params=params, reuse=flow.cfg.tracking.reuse)
+                                 experiment_id=experiment_id, key=key, params=params, reuse=flow.cfg.tracking.reuse,
+                                 check=lambda out: stage.intact(flow, out))
     except Exception as err:
         err.add_note(f"in the {stage.name!r} stage of the pipeline (finished stages are kept and reused on re-run)")
         raise

@@ -81,12 +81,12 @@ def _download(uri: str, key: str = "checkpoint.path") -> CheckpointInputs:
 
 
 def _demo_checkpoint(cfg: PipelineConfig, uri: str) -> CheckpointInputs:
-    from pipelines.training import train
+    """The last checkpoint of the demo training that finished (training it first if none did)."""
+    from pipelines.training import finished_checkpoints, train
 
     ckpt_dir = Path(cfg.paths.demo_dir) / "checkpoints"
-    found = sorted(ckpt_dir.glob("epoch_*.pt"))
+    found = finished_checkpoints(ckpt_dir)
     if not found:
-        print(f"No checkpoint configured and no demo checkpoint in {ckpt_dir}: training the demo model first.")
-        train(demo_train_config(cfg, uri))
-        found = sorted(ckpt_dir.glob("epoch_*.pt"))
+        print(f"No checkpoint configured and no finished demo training in {ckpt_dir}: training the demo model first.")
+        found = train(demo_train_config(cfg, uri)).checkpoints
     return CheckpointInputs(path=found[-1].resolve(), source=str(found[-1]), training_run_id=training_run_of(found[-1]))

@@ -22,10 +22,12 @@ from pipelines.driver import VERSION, Flow, Stage, run_stages
 from pipelines.inputs import checkpoint_inputs, towards_paths
 from pipelines.paths import stores_dir
 from pipelines.records import headline_params, provenance
+from pipelines.stages import checkpoint as ck_stage
+from pipelines.stages import directions as dr_stage
+from pipelines.stages import evaluate as ev_stage
 from pipelines.stages.aggregate import AggregateInputs, aggregate
-from pipelines.stages.checkpoint import checkpoint
-from pipelines.stages.directions import DirectionsInputs, directions
-from pipelines.stages.evaluate import EvaluateInputs, evaluate
+from pipelines.stages.directions import DirectionsInputs
+from pipelines.stages.evaluate import EvaluateInputs
 from pipelines.stages.report import ReportInputs, report
 
 
@@ -43,18 +45,25 @@ def _evaluate_inputs(flow: Flow) -> EvaluateInputs:
                           provenance=provenance(flow.cfg, ck))
 
 
+def _in_root(flow: Flow, path: Path) -> str | None:
+    """Shared outputs belong to their project root: a run never reuses another root's store."""
+    return None if Path(path).is_relative_to(flow.stores) else f"{path} belongs to another project root"
+
+
 def _checkpoint_identity(flow: Flow, out: Any) -> str:
     """Downstream stages depend on the checkpoint's content, not on where it was read from."""
     return tracking.stage_key("checkpoint", {"sha256": out.sha256, "model": flow.cfg.model}, (), VERSION)
 
 
 STAGES: tuple[Stage, ...] = (
-    Stage("checkpoint", checkpoint, ("model", "checkpoint"), (), inputs=lambda f: f.source, identity=_checkpoint_identity),
-    Stage("directions", directions, ("model", "directions", "grid"), ("checkpoint",),
+    Stage("checkpoint", ck_stage.checkpoint, ("model", "checkpoint"), (), inputs=lambda f: f.source,
+          identity=_checkpoint_identity, intact=lambda f, out: ck_stage.intact(out)),
+    Stage("directions", dr_stage.directions, ("model", "directions", "grid"), ("checkpoint",),
           inputs=lambda f: DirectionsInputs(f.outputs["checkpoint"].path, f.towards),
-          place=lambda f, key: {"out_dir": f.stores / f"directions-{key[:16]}"}),
-    Stage("evaluate", evaluate, ("model", "data", "metrics", "grid", "compute"), ("checkpoint", "directions"),
-          inputs=_evaluate_inputs),
+          place=lambda f, key: {"out_dir": f.stores / f"directions-{key[:16]}"},
+          intact=lambda f, out: _in_root(f, out.path) or dr_stage.intact(out)),
+    Stage("evaluate", ev_stage.evaluate, ("model", "data", "metrics", "grid", "compute"), ("checkpoint", "directions"),
+          inputs=_evaluate_inputs, intact=lambda f, out: _in_root(f, out.store) or ev_stage.intact(out)),
     Stage("aggregate", aggregate, ("summary",), ("evaluate",), inputs=lambda f: AggregateInputs(f.outputs["evaluate"].store)),
     Stage("report", report, ("plot",), ("aggregate",), enabled=lambda cfg: cfg.plot.enabled,
           inputs=lambda f: ReportInputs(f.outputs["evaluate"].store, Path(f.cfg.paths.output_dir))),

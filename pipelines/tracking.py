@@ -26,6 +26,7 @@ import math
 import os
 import re
 import socket
+import sys
 import time
 import types
 import typing
@@ -313,6 +314,7 @@ def run_stage(
     params: Mapping[str, Any] | None = None,
     outputs_type: type[OutputsT] | None = None,
     reuse: bool = True,
+    check: Callable[[OutputsT], str | None] | None = None,
 ) -> OutputsT:
     """Run one pipeline stage as a child run, or reuse a finished run with the same key.
 
@@ -336,6 +338,8 @@ def run_stage(
         params: What to log as parameters (usually the stage's config).
         outputs_type: The dataclass ``fn`` returns; defaults to its return annotation.
         reuse: Look for a finished run first.
+        check: Says why a finished run's outputs cannot be reused (damaged, changed, in
+            another project root), or None when they can; checked before reuse, cheaply.
 
     Returns:
         The outputs, from ``fn`` or rebuilt from the reused run.
@@ -351,8 +355,12 @@ def run_stage(
         if previous is not None:
             outputs = _read_outputs(previous, outputs_type)
             if outputs is not None and _local_paths_exist(outputs):
-                _link_parent(parent_run_id, name, previous.info.run_id)
-                return outputs
+                why = check(outputs) if check is not None else None
+                if why is None:
+                    _link_parent(parent_run_id, name, previous.info.run_id)
+                    return outputs
+                print(f"{name}: not reusing run {previous.info.run_id}: {why}; running the stage again.",
+                      file=sys.stderr, flush=True)
     stale = close_stale_runs(experiment_id, f"tags.`{TAG_ATTEMPT}` = '{key}'")
     stage_tags = {TAG_KIND: "stage", TAG_STAGE: name, TAG_ATTEMPT: key, **owner_tags()}
     if stale:

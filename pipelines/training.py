@@ -6,6 +6,8 @@ The command is ``python -m pipelines.train`` (`pipelines.train`); this module ho
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -15,13 +17,17 @@ from typing import Any
 import torch
 from torch import nn
 
+from landscapes.checkpoints import checkpoint_identity
 from landscapes.errors import ConfigurationError
+from landscapes.integrity import atomic_write_bytes
 from pipelines import tracking
 from pipelines.demo import DemoMLP, load_digits_tensors
 
-__all__ = ["TrainConfig", "TrainResult", "train", "train_demo"]
+__all__ = ["TrainConfig", "TrainResult", "train", "train_demo", "finished_checkpoints"]
 
 CHECKPOINT_ARTIFACT_DIR = "checkpoints"
+COMPLETE_RECORD = "complete.json"
+"""Written last by a training that finished: its run and checkpoints (name, sha256), oldest first."""
 
 
 @dataclass(frozen=True)
@@ -85,6 +91,7 @@ def train(cfg: TrainConfig | Mapping[str, Any]) -> TrainResult:
     out_dir = Path(cfg.out_dir).expanduser().absolute()
     ckpt_dir = out_dir / "checkpoints"
     ckpt_dir.mkdir(parents=True, exist_ok=True)
+    (ckpt_dir / COMPLETE_RECORD).unlink(missing_ok=True)  # until this training finishes, nothing is "the latest"
     for stale in ckpt_dir.glob("epoch_*.pt"):  # a new training replaces the previous one's checkpoints
         stale.unlink()
 
@@ -134,7 +141,7 @@ def train(cfg: TrainConfig | Mapping[str, Any]) -> TrainResult:
                 history.append({"train_loss": loss, "train_accuracy": accuracy})
                 if epoch in save_at:
                     path = ckpt_dir / f"epoch_{epoch:03d}.pt"
-                    torch.save(model.state_dict(), path)
+                    _save_atomically(model.state_dict(), path)
                     checkpoints.append(path)
         finally:
             torch.set_num_threads(threads)
@@ -145,6 +152,9 @@ def train(cfg: TrainConfig | Mapping[str, Any]) -> TrainResult:
         run_id = run.info.run_id
     # lets the pipeline link a landscape of these checkpoints to this training run
     (ckpt_dir / "mlflow_run_id").write_text(run_id + "\n")
+    record = {"run_id": run_id, "epochs": cfg.epochs,
+              "checkpoints": [{"file": p.name, "sha256": checkpoint_identity(p)["sha256"]} for p in checkpoints]}
+    atomic_write_bytes(ckpt_dir / COMPLETE_RECORD, json.dumps(record, indent=1).encode(), fsync=True)
     return TrainResult(
         run_id=run_id, checkpoints=checkpoints, final_accuracy=accuracy, final_loss=loss
     )
@@ -235,3 +245,26 @@ def _evaluate(
     logits = model(x)
     return float(loss_fn(logits, y)), float((logits.argmax(dim=1) == y).float().mean())
 
+
+
+def finished_checkpoints(ckpt_dir: Path) -> list[Path] | None:
+    """The checkpoints of the training that finished in ``ckpt_dir``, oldest first, or None.
+
+    None when no training finished there (none ran, or one was killed: its ``epoch_*.pt`` files
+    are not "the latest"), or when a checkpoint is missing or changed since it was recorded.
+    """
+    try:
+        record = json.loads((Path(ckpt_dir) / COMPLETE_RECORD).read_text())
+        paths = [Path(ckpt_dir) / c["file"] for c in record["checkpoints"]]
+        if all(checkpoint_identity(p)["sha256"] == c["sha256"] for p, c in zip(paths, record["checkpoints"], strict=True)):
+            return paths
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return None
+
+
+def _save_atomically(state: dict[str, torch.Tensor], path: Path) -> None:
+    """``torch.save`` to a temporary name, then rename: a killed training leaves no half-written file."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    torch.save(state, tmp)
+    os.replace(tmp, path)

@@ -45,3 +45,12 @@ def checkpoint(cfg: PipelineConfig, inputs: CheckpointInputs) -> CheckpointOutpu
         metrics={"parameter_count": float(count), "checkpoint_mb": ident["size_bytes"] / 2**20},
     )
 
+
+
+def intact(outputs: CheckpointOutputs) -> str | None:
+    """Why a finished run's checkpoint record no longer holds (the file changed or is gone), or None."""
+    try:
+        sha = checkpoint_identity(outputs.path)["sha256"]
+    except (OSError, ValueError) as err:
+        return f"{outputs.path}: {err}"
+    return None if sha == outputs.sha256 else f"{outputs.path} changed since it was recorded (sha256 {sha[:12]}…)"

@@ -1,20 +1,26 @@
-"""Stage 2: build the directions and store them as a (k, n) Zarr array with their provenance."""
+"""Stage 2: build the directions and store them as a (k, n) Zarr array with their provenance.
+
+The store is written by `landscapes.directions_store.save_directions`: under a lock, to a
+temporary name renamed into place, with a per-chunk digest manifest, so jobs sharing one
+directions key never see a half-written store, and every reader verifies what it loads.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
-import zarr
 
 import landscapes as L
+from landscapes.directions_store import load_directions, save_directions, verify_directions
 from landscapes.errors import ConfigurationError
 from landscapes.params import ParameterSpace
 from pipelines.builders import load_model
 from pipelines.config import PipelineConfig
+
+__all__ = ["DirectionsInputs", "DirectionsOutputs", "directions", "intact", "load_directions", "save_directions"]
 
 
 @dataclass(frozen=True)
@@ -33,6 +39,7 @@ class DirectionsOutputs:
     norms: tuple[float, ...]
     cosine: float | None
     cosine_after: float | None
+    sha256: str  # digest of the stored values (landscapes.directions_store manifest)
     metrics: dict[str, float] = field(default_factory=dict)
 
 
@@ -67,9 +74,8 @@ def directions(cfg: PipelineConfig, inputs: DirectionsInputs) -> DirectionsOutpu
     space = ParameterSpace.from_module(model)
     flat = torch.stack([space.flatten(d) for d in dirs]).float().numpy()
     norms = tuple(float(np.linalg.norm(row.astype(np.float64))) for row in flat)
-    inputs.out_dir.mkdir(parents=True, exist_ok=True)
     path = inputs.out_dir / "directions.zarr"
-    save_directions(path, flat, {
+    record = save_directions(path, flat, {
         "kind": str(dcfg.kind), "seeds": list(seeds), "normalization": str(norm), "ignore": str(ignore),
         "towards": [str(p) for p in inputs.towards], "norms": list(norms), "cosine": cos,
         "cosine_after_orthogonalization": cos_after,
@@ -78,25 +84,15 @@ def directions(cfg: PipelineConfig, inputs: DirectionsInputs) -> DirectionsOutpu
     metrics = {f"direction_{i}_norm": n for i, n in enumerate(norms)}
     if cos is not None:
         metrics["direction_cosine"] = cos
-    return DirectionsOutputs(path, str(dcfg.kind), seeds, str(norm), norms, cos, cos_after, metrics)
+    return DirectionsOutputs(path, str(dcfg.kind), seeds, str(norm), norms, cos, cos_after, record.sha256, metrics)
 
 
-def save_directions(path: Path, flat: np.ndarray, attrs: dict[str, Any]) -> None:
-    """A (k, n) float32 array, chunked along n so workers can read it lazily."""
-    arr = zarr.create_array(
-        store=str(path), shape=flat.shape, dtype="float32", chunks=(1, min(flat.shape[1], 1 << 20)),
-        dimension_names=("direction", "parameter"), overwrite=True,
-    )
-    arr[...] = flat
-    arr.attrs.update(attrs)
-
-
-def load_directions(path: Path) -> tuple[np.ndarray, dict[str, Any]]:
+def intact(outputs: DirectionsOutputs) -> str | None:
+    """Why a finished run's directions cannot be reused (missing, damaged, other values), or None."""
     try:
-        arr = zarr.open_array(str(path), mode="r")
-    except Exception as err:
-        raise ConfigurationError(
-            f"directions store {path} cannot be opened ({type(err).__name__}); re-run the directions stage."
-        ) from err
-    return np.asarray(arr[...]), dict(arr.attrs)
-
+        record = verify_directions(outputs.path)
+    except (OSError, ValueError) as err:  # StoreError, IntegrityError
+        return str(err).splitlines()[0]
+    if record.sha256 != outputs.sha256:
+        return f"{outputs.path} holds other values than the run recorded (sha256 {record.sha256[:12]}…)"
+    return None

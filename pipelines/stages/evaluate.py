@@ -9,11 +9,8 @@ finished.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import sys
-from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -22,13 +19,14 @@ import numpy as np
 import torch
 
 import landscapes as L
+from landscapes.directions_store import load_directions
 from landscapes.errors import ShapeMismatchError, StoreError
 from landscapes.grid import Grid, tile_shape_for
-from landscapes.store import LandscapeStore
+from landscapes.integrity import file_lock
+from landscapes.store import LandscapeStore, verify_store
 from pipelines.backends import Backend, make_backend
 from pipelines.builders import as_device, build_data, build_metrics, grid_axes, load_model
 from pipelines.config import PipelineConfig
-from pipelines.stages.directions import load_directions
 
 
 @dataclass(frozen=True)
@@ -86,7 +84,9 @@ def evaluate(cfg: PipelineConfig, inputs: EvaluateInputs, backend: Backend | Non
     resume = cfg.resume
     if resume:
         inputs = replace(inputs, store=_resume_path(resume))
-    with _exclusive(inputs.store):  # one driver per store: a second run of it waits, then reuses the tiles
+    # one driver per store: a second run of it waits, then reuses the tiles the first one finished
+    with file_lock(inputs.store, on_wait=lambda: _say(f"another run is evaluating {inputs.store}; waiting for it to finish.")):
+        repaired = _repair(inputs.store)
         store = _open_or_create(inputs, axes, list(evaluator.metric_names), evaluator, flat, dir_attrs, resume=bool(resume))
         todo = store.missing_tiles()
         total_tiles = len(store.tiles())
@@ -111,30 +111,43 @@ def evaluate(cfg: PipelineConfig, inputs: EvaluateInputs, backend: Backend | Non
             "points_computed": float(points),
             "tiles_computed": float(len(todo)),
             "tiles_reused": float(total_tiles - len(todo)),
+            "tiles_repaired": float(repaired),
         } | extra,
         backend=backend_name,
     )
 
 
-@contextlib.contextmanager
-def _exclusive(store: Path) -> Iterator[None]:
-    """Hold ``<store>.lock`` (beside the store) while this process creates, evaluates and closes it.
+def _say(message: str) -> None:
+    print(f"evaluate: {message}", file=sys.stderr, flush=True)
 
-    Two runs with the same fingerprint (a sweep over ``compute.*`` only, or a command started
-    twice) would otherwise create the store at once and compute the same tiles twice. The
-    operating system releases the lock when the process dies, even by SIGKILL.
+
+def _repair(path: Path) -> int:
+    """Verify an existing store before reusing any tile of it; clear damaged tiles so they are recomputed.
+
+    Returns the number of tiles cleared. Missing or truncated chunks, checksum mismatches and a
+    lost ``done`` mask are found from the per-tile records (sizes and digests, no recomputation).
     """
-    store.parent.mkdir(parents=True, exist_ok=True)
-    with open(store.parent / f"{store.name}.lock", "a+") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            print(f"evaluate: another run is evaluating {store}; waiting for it to finish.", file=sys.stderr, flush=True)
-            fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    if not (path / "zarr.json").exists():
+        return 0
+    report = verify_store(path, repair=True)
+    if not report.ok:
+        for line in report.summary():
+            _say(line)
+        _say(f"recomputing {len(report.damaged_tiles)} damaged tile(s) of {path}.")
+    return len(report.damaged_tiles)
+
+
+def intact(outputs: EvaluateOutputs) -> str | None:
+    """Why a finished run's landscape store cannot be reused (damaged, incomplete), or None."""
+    try:
+        report = verify_store(outputs.store)
+    except (OSError, ValueError) as err:  # StoreError
+        return str(err).splitlines()[0]
+    if not report.ok:
+        return report.summary()[0]
+    if report.tiles_done != report.tiles:
+        return f"{outputs.store} has {report.tiles - report.tiles_done} tile(s) not done"
+    return None
 
 
 def _check_directions(flat: np.ndarray, model: torch.nn.Module, k: int, path: Path) -> None:
@@ -168,13 +181,7 @@ def _open_or_create(inputs: EvaluateInputs, axes, metric_names, evaluator, flat,
         if resume else "Delete the store or change paths.root_dir to start afresh"
     )
     if (inputs.store / "zarr.json").exists():
-        try:
-            found = LandscapeStore.open(inputs.store, mode="r").attrs.get("fingerprint")
-        except StoreError:
-            found = _half_created(inputs.store)
-            if found == inputs.fingerprint:  # killed while it was being created: nothing to keep
-                return _create(inputs, axes, metric_names, evaluator, flat, dir_attrs, overwrite=True)
-            raise
+        found = LandscapeStore.open(inputs.store, mode="r").attrs.get("fingerprint")
         if found != inputs.fingerprint:
             raise StoreError(
                 f"{how} was created for another configuration (fingerprint {found!r}, this run "
@@ -191,18 +198,6 @@ def _open_or_create(inputs: EvaluateInputs, axes, metric_names, evaluator, flat,
     if resume:
         raise StoreError(f"resume={str(inputs.store)!r}: no landscape store there; drop resume= to start afresh.")
     return _create(inputs, axes, metric_names, evaluator, flat, dir_attrs)
-
-
-def _half_created(path: Path) -> str | None:
-    """The fingerprint of a store whose creation was interrupted (no metric arrays, no tiles)."""
-    try:
-        doc = json.loads((path / "zarr.json").read_text())
-    except (OSError, ValueError):
-        return None
-    attrs = doc.get("attributes") or {}
-    if (path / "done" / "zarr.json").exists():
-        return None  # fully created: a real problem, not an interrupted creation
-    return attrs.get("fingerprint")
 
 
 def _create(inputs: EvaluateInputs, axes, metric_names, evaluator, flat, dir_attrs, *, overwrite: bool = False) -> LandscapeStore:

@@ -36,6 +36,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from landscapes._json import jsonable
 from landscapes.errors import ConfigurationError, IntegrityError, StoreError
 from landscapes.integrity import atomic_directory, file_lock, remove_leftovers
 
@@ -146,9 +147,7 @@ def _check_flat(flat: Any) -> np.ndarray:
 
 
 def _user_attrs(attrs: Mapping[str, Any] | None) -> dict[str, Any]:
-    from landscapes.store import _jsonable
-
-    out = _jsonable(dict(attrs or {}), "attrs")
+    out = jsonable(dict(attrs or {}), "attrs")
     if MANIFEST_KEY in out:
         raise ConfigurationError(
             f"save_directions: attrs key {MANIFEST_KEY!r} is reserved for the manifest; rename it."

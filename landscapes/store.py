@@ -49,6 +49,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
+from landscapes._json import jsonable as _jsonable
 from landscapes.errors import ConfigurationError, IntegrityError, StoreError
 from landscapes.grid import Grid, Tile
 from landscapes.integrity import (
@@ -207,34 +208,6 @@ def _import_zarr():
     import zarr
 
     return zarr
-
-
-def _jsonable(value: Any, where: str) -> Any:
-    """Convert numpy scalars/arrays and tuples to JSON types; raise on anything else."""
-    if isinstance(value, Mapping):
-        out = {}
-        for k, v in value.items():
-            if not isinstance(k, str):
-                raise ConfigurationError(
-                    f"{where}: key {k!r} is not a string; attrs must be JSON objects with "
-                    "string keys."
-                )
-            out[k] = _jsonable(v, f"{where}[{k!r}]")
-        return out
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v, f"{where}[{i}]") for i, v in enumerate(value)]
-    if isinstance(value, np.ndarray):
-        return _jsonable(value.tolist(), where)
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, os.PathLike):
-        return os.fspath(value)
-    if value is None or isinstance(value, (str, bool, int, float)):
-        return value
-    raise ConfigurationError(
-        f"{where}={value!r} ({type(value).__name__}) is not JSON-serializable; store plain "
-        "str/int/float/bool/None, lists or dicts (convert objects to strings first)."
-    )
 
 
 def _check_name(name: Any, what: str) -> str:

@@ -166,7 +166,7 @@ def _kept(store: LandscapeStore) -> str:
 
 def _config_message(store: LandscapeStore, tile: Tile, err: BaseException, where: str) -> str:
     return (
-        f"evaluate: tile {tile.index} ({_span(tile)}) failed{where}: {_describe(err)}. This is most likely "
+        f"evaluate: tile {tile.index} ({_span(tile)}) failed{where}: {_describe(err).rstrip('.')}. This is most likely "
         "a problem of the data or the metrics (e.g. labels outside the model's output classes), not a passing "
         "fault, so re-running will fail the same way: check data.* and metrics.* against the model; "
         f"{_kept(store)} (a re-run with the same data and metrics reuses them)."
@@ -178,7 +178,7 @@ def _same_error_message(store: LandscapeStore, tiles: Sequence[Tile], err: BaseE
         f"the first {len(tiles)} tiles ({', '.join(str(t.index) for t in tiles)})")
     return (
         f"evaluate: {which} failed {how} with the same error, before any tile of this run finished: "
-        f"{_describe(err)}. This is most likely a problem of the data, the model or the metrics (or of the "
+        f"{_describe(err).rstrip('.')}. This is most likely a problem of the data, the model or the metrics (or of the "
         "workers' set-up), not a passing fault, so re-running as is will fail the same way: fix the cause "
         f"first; {_kept(store)} (a re-run with the same data and metrics reuses them)."
     )
@@ -467,9 +467,10 @@ class DaskBackend:
         finally:
             if run.bar is not None:
                 run.bar.close()
-            self.last_run = {"tiles_done": run.done, "tiles_failed": len(run.failed), "workers": _n_workers(client)}
+            workers = 0 if run.scheduler_lost else _n_workers(client)
+            self.last_run = {"tiles_done": run.done, "tiles_failed": len(run.failed), "workers": workers}
             closing = time.perf_counter()
-            self._close(client, cluster, plugin_name)
+            self._close(client, cluster, plugin_name, reachable=not run.scheduler_lost)
             self.last_run |= timings | {"close_seconds": time.perf_counter() - closing}
         if run.failed:
             raise EvaluationError(_failure_message(store, tiles, run.failed))
@@ -495,15 +496,15 @@ class DaskBackend:
             ) from err
 
     @staticmethod
-    def _close(client: Any, cluster: Any, plugin_name: str) -> None:
+    def _close(client: Any, cluster: Any, plugin_name: str, *, reachable: bool = True) -> None:
         try:
-            if cluster is None and client.status == "running":  # a user's scheduler lives on
+            if cluster is None and reachable and client.status == "running":  # a user's scheduler lives on
                 client.unregister_worker_plugin(plugin_name)
         except Exception as err:  # noqa: BLE001 - best effort; the plugin is only memory
             log.debug("could not unregister %s: %s", plugin_name, err)
         finally:
             try:
-                with _silenced("distributed.client", client.status != "running"):
+                with _silenced("distributed.client", not reachable or client.status != "running"):
                     client.close()  # a client reconnecting to a lost scheduler would log "failed to reconnect"
             finally:
                 if cluster is not None:
@@ -527,6 +528,7 @@ class _DaskRun:
         self.bar: Any = None
         self.next_look = 0.0
         self.no_workers_since: float | None = None
+        self.scheduler_lost = False  # then nothing more is asked of it: it would not answer
 
     def collect(self, futures: Sequence[Any]) -> None:
         from distributed import as_completed
@@ -559,7 +561,7 @@ class _DaskRun:
             future.release()
         self._mark(finished)
         if lost_scheduler or self.client.status != "running":
-            self._fail(self._lost_scheduler, None)
+            self._lost(None)
         if stop is not None:
             tile, err = stop
             if isinstance(err, _PASS_THROUGH):
@@ -579,7 +581,7 @@ class _DaskRun:
     def _watch(self) -> None:
         """Every ``POLL_SECONDS``: is the scheduler there, and has it any workers?"""
         if self.client.status != "running":
-            self._fail(self._lost_scheduler, None)
+            self._lost(None)
         now = time.monotonic()
         if now < self.next_look:
             return
@@ -588,12 +590,12 @@ class _DaskRun:
         try:
             workers = len(self.client.nthreads(callback_timeout=timeout))
         except TimeoutError as err:
-            self._fail(self._lost_scheduler, err, f"no answer to a status request for {timeout:g} s")
+            self._lost(err, f"TimeoutError: it answered no status request for {timeout:g} s")
         except OSError as err:  # CommClosedError is one
-            self._fail(self._lost_scheduler, err)
+            self._lost(err)
         except Exception as err:  # noqa: BLE001 - a client closed meanwhile, ...
             if self.client.status != "running":
-                self._fail(self._lost_scheduler, err)
+                self._lost(err)
             raise
         if workers:
             if self.no_workers_since is not None:
@@ -612,7 +614,7 @@ class _DaskRun:
     def _stop(self) -> None:
         """Mark the tiles finished meanwhile done; cancel the others (when the scheduler is there)."""
         finished = [t for f, t in self.pending.items() if f.status in ("finished", "lost")]
-        if self.client.status == "running":
+        if self.client.status == "running" and not self.scheduler_lost:
             with contextlib.suppress(Exception):
                 self.client.cancel(list(self.pending))
         self.pending.clear()
@@ -636,14 +638,19 @@ class _DaskRun:
             f"({_kept(self.store)}); {fix}."
         )
 
+    def _lost(self, err: BaseException | None, what: str | None = None) -> NoReturn:
+        """Stop, asking nothing more of the scheduler, and raise what happened to it."""
+        self.scheduler_lost = True
+        self._fail(self._lost_scheduler, err, what)
+
     def _lost_scheduler(self, err: BaseException | None, what: str | None = None) -> str:
         address = _scheduler_address(self.client) or str(self.backend.scheduler)
-        if err is None or isinstance(err, Exception) and getattr(err, "reason", None) == "scheduler-connection-lost":
+        if what:
+            cause = what
+        elif err is None or getattr(err, "reason", None) == "scheduler-connection-lost":
             cause = f"CommClosedError: the connection Client->Scheduler to {address} closed"
         else:
             cause = _describe(err)
-        if what:
-            cause = f"{what}: {cause}"
         gone = _refused(address)
         if gone:
             cause += f"; it refuses new connections ({gone})"

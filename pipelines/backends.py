@@ -435,8 +435,11 @@ class DaskBackend:
 
         Raises:
             ConfigurationError: the scheduler cannot be reached, or its workers cannot load
-                the evaluator (``landscapes`` or the model's code missing there).
-            EvaluationError: some tiles failed after their retries; the others are done.
+                the evaluator (``landscapes`` or the model's code missing there); or a tile
+                raised one (as do ``ShapeMismatchError`` and ``StoreWriteError``: unwrapped).
+            EvaluationError: some tiles failed after their retries (the others are done); or
+                the run stopped early: no workers for ``no_workers_timeout`` seconds, the
+                scheduler lost, an error most likely the data's, the first tiles failing alike.
         """
         started = time.perf_counter()
         tiles = list(tiles)

@@ -612,7 +612,7 @@ class _DaskRun:
                 self.backend.where(self.client), timeout,
             )
         elif now - self.no_workers_since >= timeout:
-            self._fail(self._no_workers, now - self.no_workers_since)
+            self._fail(self._no_workers)
 
     def _stop(self) -> None:
         """Mark the tiles finished meanwhile done; cancel the others (when the scheduler is there)."""
@@ -628,7 +628,7 @@ class _DaskRun:
         self._stop()
         raise EvaluationError(message(*args))
 
-    def _no_workers(self, seconds: float) -> str:
+    def _no_workers(self) -> str:
         address = _scheduler_address(self.client) or "tcp://host:8786"
         if self.backend.scheduler:
             fix = (f"start workers (`dask worker {address}`) and re-run the same command to resume, or raise "
@@ -637,7 +637,8 @@ class _DaskRun:
             fix = ("its nannies could not restart them (see the dask log above); re-run the same command to resume, "
                    "with compute.backend=local if it happens again, or raise compute.no_workers_timeout")
         return (
-            f"evaluate: {self.backend.where(self.client)}: the dask cluster has had no workers for {seconds:.0f} s "
+            f"evaluate: {self.backend.where(self.client)}: the dask cluster has had no workers for "
+            f"{self.backend.no_workers_timeout:g} s "
             f"({_kept(self.store)}); {fix}."
         )
 

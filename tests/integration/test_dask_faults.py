@@ -250,14 +250,14 @@ def test_a_cluster_without_workers_fails_after_the_timeout_and_resumes(processes
     thread, killed = when_done(store, 4, processes.kill_workers)
     address = re.escape(processes.address)
     with pytest.raises(EvaluationError, match=(
-        rf"^evaluate: compute\.scheduler='{address}': the dask cluster has had no workers for [56] s \((\d+) of 63 "
+        rf"^evaluate: compute\.scheduler='{address}': the dask cluster has had no workers for 5 s \((\d+) of 63 "
         rf"tile\(s\) done are kept in {re.escape(str(store))}\); start workers \(`dask worker {address}`\) and re-run the same "
         r"command to resume, or raise compute\.no_workers_timeout\.$")) as info:
         run_evaluate(setup, store, backend, ONE_POINT, loss=slow())
     failed_after = time.monotonic() - killed["at"]
     thread.join()
     print(f"failed {failed_after:.1f} s after the workers were killed:\n{info.value}")  # shown with pytest -rP
-    assert NO_WORKERS_TIMEOUT <= failed_after < NO_WORKERS_TIMEOUT + 10, failed_after
+    assert NO_WORKERS_TIMEOUT - 0.5 <= failed_after < NO_WORKERS_TIMEOUT + 10, failed_after
     kept = done_tiles(store)
     assert 4 <= kept < TILES
     assert f"({kept} of {TILES} tile(s) done" in str(info.value)

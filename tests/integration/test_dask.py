@@ -258,6 +258,7 @@ def test_failing_tiles_are_listed_and_the_rest_finish(cluster, setup, reference,
     assert_same(values(store_path), reference)
 
 
+@pytest.mark.slow
 def test_a_full_disk_on_a_worker_passes_through_unwrapped(cluster, setup, reference, tmp_path: Path) -> None:
     switch = tmp_path / "fail"
     switch.touch()

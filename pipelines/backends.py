@@ -20,7 +20,23 @@ The dask backend (``compute.backend=dask``):
   again elsewhere;
 - marks tiles done as they complete (``as_completed``) and updates one progress bar for the
   whole grid; tiles that still fail are collected, the others finish, and then one
-  :class:`~landscapes.errors.EvaluationError` lists the failed tiles and says how to resume.
+  :class:`~landscapes.errors.EvaluationError` lists the failed tiles and says how to resume;
+- watches the cluster while tiles are pending (every :data:`POLL_SECONDS`): a cluster without
+  workers for ``compute.no_workers_timeout`` seconds, or a lost scheduler (its connection closed,
+  or no answer for that long), stops the run at once with one message naming the scheduler,
+  the cause, the tiles kept and how to resume, instead of waiting for ever or listing every
+  pending tile as "cancelled".
+
+What stops a run early, in both backends, keeping every tile finished before it (marked done):
+
+- :class:`~landscapes.errors.StoreWriteError` (disk full, quota, permissions) passes through
+  unwrapped: its message already names the store, the errno and "re-run to resume";
+- :class:`~landscapes.errors.ConfigurationError` and
+  :class:`~landscapes.errors.ShapeMismatchError` from the evaluator pass through unwrapped;
+- an error that is most likely the data's or the configuration's (an ``IndexError`` from a
+  metric, as labels outside the model's classes give; a tile that fails with the same error on
+  every try before any tile of the run finished) becomes an ``EvaluationError`` that says so:
+  re-running as is would fail the same way.
 """
 
 from __future__ import annotations
@@ -34,10 +50,15 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
-from typing import Any, Protocol
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, NoReturn, Protocol
 
-from landscapes.errors import ConfigurationError, EvaluationError, ShapeMismatchError
+from landscapes.errors import (
+    ConfigurationError,
+    EvaluationError,
+    ShapeMismatchError,
+    StoreWriteError,
+)
 from landscapes.evaluate import Evaluator
 from landscapes.grid import Tile
 from landscapes.store import LandscapeStore
@@ -51,8 +72,16 @@ log = logging.getLogger(__name__)
 CONNECT_TIMEOUT = 10.0
 #: How many times dask re-runs a tile whose task raised, before it counts as failed.
 TILE_RETRIES = 2
+#: Seconds a dask cluster may have no workers (``compute.no_workers_timeout``) before the run fails.
+NO_WORKERS_TIMEOUT = 60.0
+#: Seconds between two looks at the dask cluster (its workers, its scheduler) while tiles are pending.
+POLL_SECONDS = 1.0
 #: Errors that say the configuration is wrong: every tile would fail the same way.
 _CONFIG_ERRORS = (ConfigurationError, ShapeMismatchError)
+#: Errors raised as they are, by both backends, after the finished tiles are marked done.
+_PASS_THROUGH = (*_CONFIG_ERRORS, StoreWriteError)
+#: Failures at the first tiles, all alike, after which the dask backend stops (see `_same_failures`).
+_ALIKE_FAILURES = 3
 
 
 class Backend(Protocol):
@@ -67,7 +96,9 @@ class LocalBackend:
     """Tiles one after another in this process; each tile is written and marked done at once.
 
     The first failing tile stops the run (the error would most likely repeat on every tile);
-    the tiles finished before it stay in the store, and re-running resumes after them.
+    the tiles finished before it stay in the store, and re-running resumes after them. The
+    first tile of a run gets a second try: if it fails again with the same error, the message
+    says that the data or the configuration, not a passing fault, is the likely cause.
     """
 
     name = "local"
@@ -79,23 +110,78 @@ class LocalBackend:
         try:
             with evaluator.hold_memory():  # freed activations reused across tiles
                 for tile in tiles:
-                    try:
-                        values = evaluator.evaluate_tile(store.grid, tile)
-                        store.write_tile(tile, values)
-                    except _CONFIG_ERRORS:
-                        raise
-                    except Exception as err:
-                        raise EvaluationError(
-                            f"evaluate: tile {tile.index} ({_span(tile)}) failed: {_describe(err)}. "
-                            f"{done} tile(s) of this run are kept in {store.path}; fix the cause and "
-                            f"re-run the same command to resume ({len(tiles) - done} tile(s) left)."
-                        ) from err
+                    errors: list[BaseException] = []
+                    while True:
+                        try:
+                            values = evaluator.evaluate_tile(store.grid, tile)
+                            store.write_tile(tile, values)
+                        except _PASS_THROUGH:
+                            raise
+                        except Exception as err:
+                            errors.append(err)
+                            if done == 0 and len(errors) == 1 and not _looks_like_config(err):
+                                continue  # the first tile: a passing fault, or the same error again?
+                            raise EvaluationError(_local_failure(store, tile, errors, done, len(tiles))) from err
+                        break
                     store.mark_done([tile])
                     done += 1
                     bar.update(tile.size)
         finally:
             bar.close()
         return time.perf_counter() - started
+
+
+def _local_failure(store: LandscapeStore, tile: Tile, errors: list[BaseException], done: int, todo: int) -> str:
+    err = errors[-1]
+    if _looks_like_config(err):
+        return _config_message(store, tile, err, "")
+    if len(errors) > 1 and _describe(errors[0]) == _describe(err):
+        return _same_error_message(store, [tile], err, "twice")
+    return (
+        f"evaluate: tile {tile.index} ({_span(tile)}) failed: {_describe(err)}. "
+        f"{done} tile(s) of this run are kept in {store.path}; fix the cause and "
+        f"re-run the same command to resume ({todo - done} tile(s) left)."
+    )
+
+
+def _looks_like_config(err: BaseException) -> bool:
+    """An error that every tile would raise: labels outside the model's classes (``IndexError``
+    on CPU, "device-side assert" or "out of bounds" on CUDA), a wrong option."""
+    if isinstance(err, (*_CONFIG_ERRORS, IndexError)):
+        return True
+    text = str(err)
+    if type(err) is Exception and text.startswith("IndexError("):  # dask could not unpickle it
+        return True
+    return isinstance(err, RuntimeError) and any(s in text for s in ("device-side assert", "out of bounds"))
+
+
+def _kept(store: LandscapeStore) -> str:
+    """``"<done> of <tiles> tile(s) done are kept in <store>"`` (the done mask read again)."""
+    try:
+        done = f"{int(store.done_mask().sum())} of {len(store.tiles())}"
+    except Exception:  # noqa: BLE001 - a message must not fail: say less
+        done = "the finished"
+    return f"{done} tile(s) done are kept in {store.path}"
+
+
+def _config_message(store: LandscapeStore, tile: Tile, err: BaseException, where: str) -> str:
+    return (
+        f"evaluate: tile {tile.index} ({_span(tile)}) failed{where}: {_describe(err).rstrip('.')}. This is most likely "
+        "a problem of the data or the metrics (e.g. labels outside the model's output classes), not a passing "
+        "fault, so re-running will fail the same way: check data.* and metrics.* against the model; "
+        f"{_kept(store)} (a re-run with the same data and metrics reuses them)."
+    )
+
+
+def _same_error_message(store: LandscapeStore, tiles: Sequence[Tile], err: BaseException, how: str) -> str:
+    which = f"tile {tiles[0].index} ({_span(tiles[0])})" if len(tiles) == 1 else (
+        f"the first {len(tiles)} tiles ({', '.join(str(t.index) for t in tiles)})")
+    return (
+        f"evaluate: {which} failed {how} with the same error, before any tile of this run finished: "
+        f"{_describe(err).rstrip('.')}. This is most likely a problem of the data, the model or the metrics (or of the "
+        "workers' set-up), not a passing fault, so re-running as is will fail the same way: fix the cause "
+        f"first; {_kept(store)} (a re-run with the same data and metrics reuses them)."
+    )
 
 
 # --- dask ------------------------------------------------------------------------------------
@@ -216,10 +302,13 @@ class DaskBackend:
             ``tcp://host:8786``; None starts a local cluster for the run and closes it after.
         device: ``"cpu"`` or ``"cuda"``; CUDA uses ``dask_cuda.LocalCUDACluster`` if installed.
         connect_timeout: seconds to wait for ``scheduler`` and for its first worker.
+        no_workers_timeout: seconds the cluster may have no workers while tiles are pending
+            (``compute.no_workers_timeout``), and the longest the scheduler may leave a status
+            request unanswered, before the run stops with the finished tiles kept.
         cluster_kwargs: extra keyword arguments of the local cluster.
 
     Raises:
-        ConfigurationError: non-positive ``workers`` or ``threads_per_worker``.
+        ConfigurationError: non-positive ``workers``, ``threads_per_worker`` or ``no_workers_timeout``.
     """
 
     name = "dask"
@@ -232,16 +321,23 @@ class DaskBackend:
         scheduler: str | None = None,
         device: str = "cpu",
         connect_timeout: float = CONNECT_TIMEOUT,
+        no_workers_timeout: float = NO_WORKERS_TIMEOUT,
         cluster_kwargs: Mapping[str, Any] | None = None,
     ):
         for key, value in (("workers", workers), ("threads_per_worker", threads_per_worker)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigurationError(f"compute.{key}={value!r}: expected a positive integer; set compute.{key}=1 or more.")
+        if isinstance(no_workers_timeout, bool) or not isinstance(no_workers_timeout, (int, float)) or not no_workers_timeout > 0:
+            raise ConfigurationError(
+                f"compute.no_workers_timeout={no_workers_timeout!r}: expected a positive number of seconds; set "
+                f"compute.no_workers_timeout={NO_WORKERS_TIMEOUT:g} (or more, for a cluster that adds workers slowly)."
+            )
         self.workers = workers
         self.threads_per_worker = threads_per_worker
         self.scheduler = scheduler or None
         self.device = str(device)
         self.connect_timeout = float(connect_timeout)
+        self.no_workers_timeout = float(no_workers_timeout)
         self.cluster_kwargs = dict(cluster_kwargs or {})
         self.last_run: dict[str, Any] = {}
 
@@ -339,8 +435,11 @@ class DaskBackend:
 
         Raises:
             ConfigurationError: the scheduler cannot be reached, or its workers cannot load
-                the evaluator (``landscapes`` or the model's code missing there).
-            EvaluationError: some tiles failed after their retries; the others are done.
+                the evaluator (``landscapes`` or the model's code missing there); or a tile
+                raised one (as do ``ShapeMismatchError`` and ``StoreWriteError``: unwrapped).
+            EvaluationError: some tiles failed after their retries (the others are done); or
+                the run stopped early: no workers for ``no_workers_timeout`` seconds, the
+                scheduler lost, an error most likely the data's, the first tiles failing alike.
         """
         started = time.perf_counter()
         tiles = list(tiles)
@@ -350,51 +449,42 @@ class DaskBackend:
             return self._run(evaluator, store, tiles, progress=progress, started=started)
 
     def _run(self, evaluator: Evaluator, store: LandscapeStore, tiles: list[Tile], *, progress: bool, started: float) -> float:
-        from distributed import as_completed
-
         client, cluster = self.connect()
         token = _layout_token(store)
         plugin_name = f"landscapes-evaluator-{token}"
-        failed: list[tuple[Tile, BaseException]] = []
-        done = 0
-        bar = None
+        run = _DaskRun(self, client, store, tiles)
         timings = {"start_seconds": 0.0, "compute_seconds": 0.0}
         try:
             self._install(client, evaluator, plugin_name)
             timings["start_seconds"] = time.perf_counter() - started
-            bar = _bar(store, tiles, progress)  # from here on: points/s and ETA of the tiles alone
+            run.bar = _bar(store, tiles, progress)  # from here on: points/s and ETA of the tiles alone
             layout = (tuple(store.shape), tuple(store.tile_shape), tuple(store.metrics))
             keys = [f"tile-{token}-{'-'.join(str(i) for i in t.index)}" for t in tiles]
             futures = client.map(
                 evaluate_and_write_tile, [plugin_name] * len(tiles), [str(store.path)] * len(tiles),
                 [layout] * len(tiles), tiles, key=keys, retries=TILE_RETRIES,
             )
-            pending = dict(zip(futures, tiles, strict=True))
+            run.collect(futures)
             del futures
-            for batch in as_completed(list(pending), loop=client.loop).batches():  # what finished meanwhile
-                finished = []
-                for future in batch:
-                    tile = pending.pop(future)
-                    if future.status == "finished":
-                        finished.append(tile)
-                    else:
-                        failed.append((tile, _exception_of(future)))
-                        bar.set_postfix_str(f"{len(failed)} tile(s) failed", refresh=False)
-                    future.release()
-                store.mark_done(finished)  # the driver alone writes the done mask, once per batch
-                done += len(finished)
-                bar.update(sum(t.size for t in finished))
             timings["compute_seconds"] = time.perf_counter() - started - timings["start_seconds"]
         finally:
-            if bar is not None:
-                bar.close()
-            self.last_run = {"tiles_done": done, "tiles_failed": len(failed), "workers": _n_workers(client)}
+            if run.bar is not None:
+                run.bar.close()
+            workers = 0 if run.scheduler_lost else _n_workers(client)
+            self.last_run = {"tiles_done": run.done, "tiles_failed": len(run.failed), "workers": workers}
             closing = time.perf_counter()
-            self._close(client, cluster, plugin_name)
+            self._close(client, cluster, plugin_name, reachable=not run.scheduler_lost)
             self.last_run |= timings | {"close_seconds": time.perf_counter() - closing}
-        if failed:
-            raise EvaluationError(_failure_message(store, tiles, failed))
+        if run.failed:
+            raise EvaluationError(_failure_message(store, tiles, run.failed))
         return time.perf_counter() - started
+
+    def where(self, client: Any = None) -> str:
+        """The cluster, as messages name it: the config key, or the local cluster's address."""
+        if self.scheduler:
+            return f"compute.scheduler={self.scheduler!r}"
+        address = _scheduler_address(client)
+        return f"the local dask cluster ({address})" if address else "the local dask cluster"
 
     def _install(self, client: Any, evaluator: Evaluator, name: str) -> None:
         plugin = _plugin_class()(evaluator, self.threads_per_worker)
@@ -409,18 +499,216 @@ class DaskBackend:
             ) from err
 
     @staticmethod
-    def _close(client: Any, cluster: Any, plugin_name: str) -> None:
+    def _close(client: Any, cluster: Any, plugin_name: str, *, reachable: bool = True) -> None:
         try:
-            if cluster is None and client.status == "running":  # a user's scheduler lives on
+            if cluster is None and reachable and client.status == "running":  # a user's scheduler lives on
                 client.unregister_worker_plugin(plugin_name)
         except Exception as err:  # noqa: BLE001 - best effort; the plugin is only memory
             log.debug("could not unregister %s: %s", plugin_name, err)
         finally:
             try:
-                client.close()
+                with _silenced("distributed.client", not reachable or client.status != "running"):
+                    client.close()  # a client reconnecting to a lost scheduler would log "failed to reconnect"
             finally:
                 if cluster is not None:
                     cluster.close()
+
+
+class _DaskRun:
+    """One run's bookkeeping on dask: collects the futures, marks tiles done, watches the cluster.
+
+    ``collect`` returns when every tile has finished or failed (failures gathered in ``failed``),
+    and raises at once, after marking the finished tiles done, when the run cannot go on: a
+    ``StoreWriteError`` or a configuration error from a tile, the first tiles all failing alike,
+    no workers for ``no_workers_timeout`` seconds, or a lost scheduler.
+    """
+
+    def __init__(self, backend: DaskBackend, client: Any, store: LandscapeStore, tiles: Sequence[Tile]):
+        self.backend, self.client, self.store, self.tiles = backend, client, store, tiles
+        self.pending: dict[Any, Tile] = {}
+        self.failed: list[tuple[Tile, BaseException]] = []
+        self.done = 0
+        self.bar: Any = None
+        self.next_look = 0.0
+        self.no_workers_since: float | None = None
+        self.scheduler_lost = False  # then nothing more is asked of it: it would not answer
+
+    def collect(self, futures: Sequence[Any]) -> None:
+        from distributed import as_completed
+
+        self.pending = dict(zip(futures, self.tiles, strict=True))
+        completed = as_completed(list(self.pending), loop=self.client.loop)
+        while not completed.is_empty():
+            batch = completed.next_batch(block=False)  # what finished meanwhile
+            if batch:
+                self._take(batch)
+            else:
+                time.sleep(0.05)
+            self._watch()
+
+    def _take(self, batch: list[Any]) -> None:
+        finished, lost_scheduler, stop = [], False, None
+        for future in batch:
+            tile = self.pending.pop(future)
+            if future.status in ("finished", "lost"):  # lost: its result (not the tile) went with a worker
+                finished.append(tile)
+            else:
+                err = _exception_of(future)
+                if getattr(err, "reason", None) == "scheduler-connection-lost":
+                    lost_scheduler = True
+                    continue
+                self.failed.append((tile, err))
+                self.bar.set_postfix_str(f"{len(self.failed)} tile(s) failed", refresh=False)
+                if stop is None and (isinstance(err, StoreWriteError) or _looks_like_config(err)):
+                    stop = (tile, err)
+            future.release()
+        self._mark(finished)
+        if lost_scheduler or self.client.status != "running":
+            self._lost(None)
+        if stop is not None:
+            tile, err = stop
+            if isinstance(err, _PASS_THROUGH):
+                self._stop()
+                raise err  # its own message names the store or the option, and the fix
+            self._fail(_config_message, self.store, tile, err, f" on dask after {TILE_RETRIES} retries")
+        alike = _same_failures(self.failed, self.done, len(self.tiles))
+        if alike:
+            how = f"on every try ({TILE_RETRIES + 1} each)"
+            self._fail(_same_error_message, self.store, alike, self.failed[-1][1], how)
+
+    def _mark(self, finished: list[Tile]) -> None:
+        self.store.mark_done(finished)  # the driver alone writes the done mask, once per batch
+        self.done += len(finished)
+        self.bar.update(sum(t.size for t in finished))
+
+    def _watch(self) -> None:
+        """Every ``POLL_SECONDS``: is the scheduler there, and has it any workers?"""
+        if self.client.status != "running":
+            self._lost(None)
+        now = time.monotonic()
+        if now < self.next_look:
+            return
+        self.next_look = now + POLL_SECONDS
+        timeout = self.backend.no_workers_timeout
+        try:
+            workers = len(self.client.nthreads(callback_timeout=timeout))
+        except TimeoutError as err:
+            self._lost(err, f"TimeoutError: it answered no status request for {timeout:g} s")
+        except OSError as err:  # CommClosedError is one
+            self._lost(err)
+        except Exception as err:  # noqa: BLE001 - a client closed meanwhile, ...
+            if self.client.status != "running":
+                self._lost(err)
+            raise
+        if workers:
+            if self.no_workers_since is not None:
+                log.warning("evaluate: %s has %d worker(s) again; the run goes on.", self.backend.where(self.client), workers)
+            self.no_workers_since = None
+            return
+        if self.no_workers_since is None:
+            self.no_workers_since = now
+            log.warning(
+                "evaluate: %s has no workers; the run stops in %g s (compute.no_workers_timeout) unless workers join.",
+                self.backend.where(self.client), timeout,
+            )
+        elif now - self.no_workers_since >= timeout:
+            self._fail(self._no_workers)
+
+    def _stop(self) -> None:
+        """Mark the tiles finished meanwhile done; cancel the others (when the scheduler is there)."""
+        finished = [t for f, t in self.pending.items() if f.status in ("finished", "lost")]
+        if self.client.status == "running" and not self.scheduler_lost:
+            with contextlib.suppress(Exception):
+                self.client.cancel(list(self.pending))
+        self.pending.clear()
+        self._mark(finished)
+
+    def _fail(self, message: Callable[..., str], *args: Any) -> NoReturn:
+        """Stop, then raise ``message(*args)`` (made after the finished tiles are marked: it counts them)."""
+        self._stop()
+        raise EvaluationError(message(*args))
+
+    def _no_workers(self) -> str:
+        address = _scheduler_address(self.client) or "tcp://host:8786"
+        if self.backend.scheduler:
+            fix = (f"start workers (`dask worker {address}`) and re-run the same command to resume, or raise "
+                   "compute.no_workers_timeout")
+        else:
+            fix = ("its nannies could not restart them (see the dask log above); re-run the same command to resume, "
+                   "with compute.backend=local if it happens again, or raise compute.no_workers_timeout")
+        return (
+            f"evaluate: {self.backend.where(self.client)}: the dask cluster has had no workers for "
+            f"{self.backend.no_workers_timeout:g} s "
+            f"({_kept(self.store)}); {fix}."
+        )
+
+    def _lost(self, err: BaseException | None, what: str | None = None) -> NoReturn:
+        """Stop, asking nothing more of the scheduler, and raise what happened to it."""
+        self.scheduler_lost = True
+        self._fail(self._lost_scheduler, err, what)
+
+    def _lost_scheduler(self, err: BaseException | None, what: str | None = None) -> str:
+        address = _scheduler_address(self.client) or str(self.backend.scheduler)
+        if what:
+            cause = what
+        elif err is None or getattr(err, "reason", None) == "scheduler-connection-lost":
+            cause = f"CommClosedError: the connection Client->Scheduler to {address} closed"
+        else:
+            cause = _describe(err)
+        gone = _refused(address)
+        if gone:
+            cause += f"; it refuses new connections ({gone})"
+        fix = (f"restart the scheduler and its workers (`dask scheduler`, `dask worker {address}`) and re-run the same "
+               "command to resume (or resume here with compute.backend=local)" if self.backend.scheduler else
+               "re-run the same command to resume (or with compute.backend=local)")
+        return (
+            f"evaluate: {self.backend.where(self.client)}: lost the dask scheduler ({cause}); "
+            f"{_kept(self.store)}; {fix}."
+        )
+
+
+def _same_failures(failed: list[tuple[Tile, BaseException]], done: int, todo: int) -> list[Tile]:
+    """The failed tiles, when the first ones of a run all failed alike before any tile finished."""
+    if done or len(failed) < min(_ALIKE_FAILURES, todo):
+        return []
+    first = _describe(failed[0][1])
+    return [t for t, e in failed] if all(_describe(e) == first for _, e in failed) else []
+
+
+def _scheduler_address(client: Any) -> str:
+    try:
+        return str(client.scheduler.address)
+    except Exception:  # noqa: BLE001 - informational only
+        return ""
+
+
+def _refused(address: str) -> str:
+    """``"ConnectionRefusedError: ..."`` when nothing listens at ``address`` any more, else ""."""
+    try:
+        from distributed.comm import parse_address
+        from distributed.comm.addressing import parse_host_port
+
+        scheme, location = parse_address(address)
+        if scheme not in ("tcp", "tls"):
+            return ""
+        socket.create_connection(parse_host_port(location), timeout=2).close()
+    except OSError as err:
+        return _describe(err)
+    except Exception:  # noqa: BLE001 - informational only
+        return ""
+    return ""
+
+
+@contextlib.contextmanager
+def _silenced(name: str, when: bool) -> Iterator[None]:
+    logger = logging.getLogger(name)
+    level = logger.level
+    if when:
+        logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 @contextlib.contextmanager
@@ -446,6 +734,8 @@ def _exception_of(future: Any) -> BaseException:
 
 
 def _n_workers(client: Any) -> int:
+    if client.status != "running":
+        return 0  # asking would wait for a reconnection
     try:
         return len(client.scheduler_info(n_workers=-1)["workers"])
     except Exception:  # noqa: BLE001 - informational only
@@ -528,5 +818,6 @@ def make_backend(compute_cfg: ComputeConfig) -> Backend:
             connect_timeout=float(
                 compute_cfg.connect_timeout or os.environ.get("LANDSCAPES_DASK_CONNECT_TIMEOUT") or CONNECT_TIMEOUT
             ),
+            no_workers_timeout=compute_cfg.no_workers_timeout,
         )
     raise ConfigurationError(f"compute.backend={backend!r} is not a backend; choose local or dask.")

@@ -8,6 +8,7 @@ cluster (``compute.scheduler=null``) is started once, in `test_backend_starts_an
 from __future__ import annotations
 
 import os
+import re
 import socket
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from torch import nn
 
-from landscapes.errors import ConfigurationError, EvaluationError, StoreError
+from landscapes.errors import ConfigurationError, EvaluationError, StoreError, StoreWriteError
 from landscapes.store import LandscapeStore
 from pipelines.backends import DaskBackend, LocalBackend, make_backend
 from pipelines.config import PipelineConfig, register_configs, to_typed
@@ -80,6 +81,30 @@ class FailAboveLoss(nn.Module):
         if _on_worker() and os.path.exists(self.switch) and float(value) > self.limit:
             raise RuntimeError(f"loss {float(value):.3f} above {self.limit}")
         return value
+
+
+class BadLabelsAboveLoss(nn.Module):
+    """Cross-entropy; on workers, above ``limit``, labels past the model's 10 classes (IndexError)."""
+
+    def __init__(self, limit: float):
+        super().__init__()
+        self.limit = limit
+        self.ce = nn.CrossEntropyLoss()
+
+    def forward(self, outputs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        value = self.ce(outputs, target)
+        if _on_worker() and float(value) > self.limit:
+            return self.ce(outputs, target + 10)  # IndexError: Target 1x is out of bounds.
+        return value
+
+
+class BuggyOnWorkers(nn.CrossEntropyLoss):
+    """A loss that fails the same way at every call on the workers (a custom loss with a bug)."""
+
+    def forward(self, outputs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if _on_worker():
+            raise RuntimeError("mat1 and mat2 shapes cannot be multiplied (128x10 and 12x1)")
+        return super().forward(outputs, target)
 
 
 class NotOnWorkers(nn.CrossEntropyLoss):
@@ -233,6 +258,60 @@ def test_failing_tiles_are_listed_and_the_rest_finish(cluster, setup, reference,
     assert_same(values(store_path), reference)
 
 
+@pytest.mark.slow
+def test_a_full_disk_on_a_worker_passes_through_unwrapped(cluster, setup, reference, tmp_path: Path) -> None:
+    switch = tmp_path / "fail"
+    switch.touch()
+    loss = {"_target_": f"{__name__}.FailAboveLoss", "switch": str(switch), "limit": 2.5}
+    store_path = tmp_path / "landscape.zarr"
+    with pytest.raises(EvaluationError):  # leaves tile (0, 1) and the column (i, 2) to do
+        run_evaluate(setup, store_path, on(cluster), "compute.max_batch_points=3", loss=loss)
+    switch.unlink()
+    blocked = store_path / "loss" / "c" / "4" / "2"  # where tile (4, 2)'s loss chunk goes: a folder in the way
+    blocked.mkdir(parents=True)
+    with pytest.raises(StoreWriteError, match=rf"^write_tile: cannot write tile \(4, 2\) of {re.escape(str(store_path))}: "
+                       r"\[Errno 21 EISDIR\] Is a directory.*; fix the cause and re-run the same command to resume; "
+                       r"finished tiles are kept\.$") as info:
+        run_evaluate(setup, store_path, on(cluster), "compute.max_batch_points=3", loss=loss)
+    assert type(info.value) is StoreWriteError  # not wrapped in an EvaluationError listing tiles
+    store = LandscapeStore.open(store_path, mode="r")
+    kept = int(store.done_mask().sum())
+    assert (4, 2) in {t.index for t in store.missing_tiles()}
+
+    blocked.rmdir()  # space freed: the same command resumes
+    out = run_evaluate(setup, store_path, on(cluster), "compute.max_batch_points=3", loss=loss)
+    assert (out.tiles_reused, out.tiles_computed) == (kept, len(store.tiles()) - kept)
+    assert_same(values(store_path), reference)
+
+
+def test_labels_out_of_range_on_dask_stop_the_run_and_say_it_is_the_data(cluster, setup, reference, tmp_path: Path) -> None:
+    store_path = tmp_path / "landscape.zarr"
+    loss = {"_target_": f"{__name__}.BadLabelsAboveLoss", "limit": 2.5}
+    with pytest.raises(EvaluationError, match=r"^evaluate: tile \(\d, \d\) \(grid indices .*\) failed on dask after 2 "
+                       r"retries: IndexError: Target 1\d is out of bounds\. This is most likely a problem of the data or "
+                       r"the metrics \(e\.g\. labels outside the model's output classes\), not a passing fault, so "
+                       r"re-running will fail the same way: check data\.\* and metrics\.\* against the model; (\d+) of 27 "
+                       r"tile\(s\) done are kept in .* \(a re-run with the same data and metrics reuses them\)\.$") as info:
+        run_evaluate(setup, store_path, on(cluster), "compute.max_batch_points=3", loss=loss)
+    kept = int(LandscapeStore.open(store_path, mode="r").done_mask().sum())
+    assert f"; {kept} of 27 tile(s) done are kept" in str(info.value)
+    out = run_evaluate(setup, store_path, on(cluster), "compute.max_batch_points=3")  # labels fixed: resumes
+    assert (out.tiles_reused, out.tiles_computed) == (kept, 27 - kept)
+    assert_same(values(store_path), reference)
+
+
+def test_the_first_tiles_failing_alike_stop_the_run(cluster, setup, tmp_path: Path) -> None:
+    store_path = tmp_path / "landscape.zarr"
+    loss = {"_target_": f"{__name__}.BuggyOnWorkers"}
+    with pytest.raises(EvaluationError, match=r"^evaluate: the first \d tiles \(.*\) failed on every try \(3 each\) with "
+                       r"the same error, before any tile of this run finished: RuntimeError: mat1 and mat2 shapes cannot be "
+                       r"multiplied \(128x10 and 12x1\)\. This is most likely a problem of the data, the model or the "
+                       r"metrics \(or of the workers' set-up\), not a passing fault, so re-running as is will fail the same "
+                       r"way: fix the cause first; 0 of 9 tile\(s\) done are kept in .*\.$"):
+        run_evaluate(setup, store_path, on(cluster), "compute.max_batch_points=7", loss=loss)
+    assert not LandscapeStore.open(store_path, mode="r").done_mask().any()
+
+
 def test_unreachable_scheduler(setup, tmp_path: Path) -> None:
     with socket.socket() as s:  # a port where nothing listens
         s.bind(("127.0.0.1", 0))
@@ -249,7 +328,9 @@ def test_unreachable_scheduler(setup, tmp_path: Path) -> None:
     (["compute.scheduler=tcp://h:8786"], r"compute.scheduler='tcp://h:8786' is set but compute.backend=local ignores it"),
     (["compute.backend=dask", "compute.workers=0"], r"compute.workers=0: expected a positive integer"),
     (["compute.backend=dask", "compute.threads_per_worker=0"], r"compute.threads_per_worker=0: expected a positive integer"),
-], ids=["scheduler-without-dask", "no-workers", "no-threads"])
+    (["compute.backend=dask", "compute.no_workers_timeout=0"], r"compute.no_workers_timeout=0.0: expected a positive number "
+     r"of seconds; set compute.no_workers_timeout=60"),
+], ids=["scheduler-without-dask", "no-workers", "no-threads", "no-workers-timeout"])
 def test_bad_compute_options(setup, overrides, match) -> None:
     with pytest.raises(ConfigurationError, match=match):
         make_backend(make_cfg(setup["root"], *overrides).compute)
@@ -272,6 +353,12 @@ def test_scheduler_without_workers(setup, tmp_path: Path) -> None:
         with pytest.raises(ConfigurationError, match=r"compute.scheduler='tcp://.*': the scheduler has no workers after 1 s; "
                            r"start workers with `dask worker tcp://"):
             run_evaluate(setup, tmp_path / "landscape.zarr", backend)
+
+
+def test_no_workers_timeout_comes_from_the_config(setup) -> None:
+    backend = make_backend(make_cfg(setup["root"], "compute.backend=dask", "compute.no_workers_timeout=7.5").compute)
+    assert isinstance(backend, DaskBackend) and backend.no_workers_timeout == 7.5
+    assert make_backend(make_cfg(setup["root"], "compute.backend=dask").compute).no_workers_timeout == 60
 
 
 def test_malformed_scheduler_address(setup, tmp_path: Path) -> None:

@@ -377,6 +377,21 @@ def grid_axes(grid_cfg: GridConfig) -> list[np.ndarray]:
     return axes
 
 
+def _check_target(spec: Mapping[str, Any] | None, key: str, *, hint: str = "") -> None:
+    """Import what ``<key>._target_`` names (without calling it), so a misspelt class fails
+    before any run is opened, with the message :func:`instantiate_or_explain` gives."""
+    target = (spec or {}).get("_target_")
+    if not isinstance(target, str) or target == "???":
+        return
+    try:
+        get_object(target)
+    except Exception as err:
+        raise ConfigurationError(
+            f"{key}: cannot instantiate {target!r}: {describe_cause(err)}; check {key}._target_ and its "
+            f"keyword arguments{f' ({hint})' if hint else ''}."
+        ) from err
+
+
 def as_device(device: str) -> str:
     if device == "cuda" and not torch.cuda.is_available():
         raise ConfigurationError(
@@ -392,6 +407,10 @@ def check_config(cfg: PipelineConfig) -> None:
     axes = grid_axes(cfg.grid)
     check_data_config(cfg.data)
     as_device(cfg.compute.device)
+    _check_target(cfg.model, "model", hint="use model=custom to start from no kwargs")
+    _check_target(cfg.data.dataset, "data.dataset")
+    if not cfg.metrics.model_loss:
+        _check_target(cfg.metrics.loss, "metrics.loss")
     build_adapters(cfg.adapters)
     if cfg.compute.bn_batches < 1:
         raise ConfigurationError(

@@ -188,3 +188,30 @@ def test_custom_metrics_and_model_custom(module_project: Project) -> None:
     assert store.read("norm")[1] == pytest.approx(2.0 * logits.norm(dim=-1).mean().item(), rel=RTOL)
     assert store.read("confidence")[1] == pytest.approx(logits.softmax(-1).amax(-1).mean().item(), rel=RTOL)
     assert result["summary"]["loss_at_theta0"] == pytest.approx(F.cross_entropy(logits, y).item(), rel=RTOL)
+
+
+@pytest.mark.slow
+def test_mlflow_checkpoint_is_downloaded_once_into_the_cache_and_reused(project: Project) -> None:
+    """A runs:/ checkpoint lands in <root>/outputs/cache/mlflow at a path named by its content:
+    re-running the same command reuses the checkpoint stage (its key is that path)."""
+    import mlflow
+
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(project.uri)
+    try:
+        with mlflow.start_run(experiment_id=project.experiment_id) as logged:
+            mlflow.log_artifact(str(project.checkpoint(4)), artifact_path="weights")
+    finally:
+        mlflow.set_tracking_uri(previous)
+    uri = f"runs:/{logged.info.run_id}/weights/epoch_004.pt"
+    args = ("debug=default", f"checkpoint.path={uri}", "plot.enabled=false")
+    first = project.run(*args)
+    second = project.run(*args)
+    cache = project.root / "outputs" / "cache" / "mlflow"
+    assert first["checkpoint"] == second["checkpoint"]
+    assert cache in Path(first["checkpoint"]).parents and Path(first["checkpoint"]).name == "epoch_004.pt"
+    assert [p.name for p in cache.iterdir() if p.name.startswith(".download-")] == []  # no leftovers
+    runs = [project.client.get_run(r["run_id"]) for r in (first, second)]
+    assert runs[1].data.tags["landscapes.stage_run.checkpoint"] == runs[0].data.tags["landscapes.stage_run.checkpoint"]
+    assert runs[1].data.tags["landscapes.training_run"] == logged.info.run_id
+    assert first["store"] == second["store"]

@@ -8,12 +8,17 @@ Hydra composes the config (keys added with Hydra's ``+`` are, by Hydra's design,
 
 from __future__ import annotations
 
+import dataclasses
+import typing
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue
+
+from landscapes.errors import ConfigurationError
 
 
 class Normalization(StrEnum):
@@ -47,8 +52,10 @@ class Strategy(StrEnum):
 
 
 class ModelMode(StrEnum):
-    eval = "eval"
-    train = "train"
+    eval = "eval"  # BatchNorm with θ0's running statistics at every point, dropout off
+    train = "train"  # BatchNorm with each batch's own statistics, dropout off
+    recompute_bn = "recompute_bn"  # statistics re-estimated at each point from compute.bn_batches batches
+    as_is = "as_is"  # the modes the model's modules are in (dropout too)
 
 
 class Backend(StrEnum):
@@ -107,8 +114,24 @@ class GridConfig:
 
 @dataclass
 class MetricsConfig:
+    """What each grid point measures; every metric is one array of the store, named by its key.
+
+    ``loss`` is ``loss_fn(output, target)`` (or, with ``model_loss``, the ``.loss`` the model
+    returns itself, as HuggingFace models do given ``labels``); ``accuracy`` and ``perplexity``
+    come from the same forward pass. ``ignore_index``, ``shift`` and ``target_key`` are the
+    token options of the library's metrics. ``extra`` holds custom metrics by name, each a
+    ``_target_`` (a ``landscapes.Metric`` subclass, or a function ``f(model, batch) -> float``)
+    with its keyword arguments.
+    """
+
     loss: dict[str, Any] = field(default_factory=lambda: {"_target_": "torch.nn.CrossEntropyLoss"})
     accuracy: bool = True
+    perplexity: bool = False  # exp of the mean cross-entropy over every counted target (token)
+    model_loss: bool = False  # "loss" is the model's own output.loss, not metrics.loss
+    ignore_index: int = -100  # targets (tokens) with this value are not counted
+    shift: bool = False  # causal language models: the output at t against the target at t + 1
+    target_key: str = "labels"  # where a mapping batch keeps its targets
+    extra: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> {_target_: ..., kwargs}
 
 
 @dataclass
@@ -116,6 +139,7 @@ class ComputeConfig:
     device: Device = Device.auto
     strategy: Strategy = Strategy.auto
     model_mode: ModelMode = ModelMode.eval
+    bn_batches: int = 10  # batches that re-estimate BatchNorm statistics with model_mode=recompute_bn
     memory_budget: int | None = None  # bytes per tile
     max_batch_points: int | None = None  # grid points per tile (tile = Zarr chunk)
     backend: Backend = Backend.local
@@ -125,6 +149,21 @@ class ComputeConfig:
     connect_timeout: float = 10.0  # seconds to reach compute.scheduler
     no_workers_timeout: float = 60.0  # seconds a dask cluster may have no workers before the run fails
     progress: bool = True
+
+
+@dataclass
+class AdaptersConfig:
+    """How a batch reaches the model and what of its output the metrics read.
+
+    A section of its own, not keys of ``model`` (whose keys all go to the model's constructor,
+    and which the checkpoint and directions stages are keyed on) nor of ``compute`` (which says
+    how the values are computed, never what they are): the adapters change the values.
+    Values are the library's strings, or ``{_target_: my.pkg.fn}`` for a callable
+    (``forward(model, batch)``, ``output(model_output) -> tensor``).
+    """
+
+    forward: Any = "auto"  # auto | call (model(x)) | star (model(*x)) | kwargs (model(**x)) | {_target_: ...}
+    output: Any = "auto"  # auto | logits | loss | an element index such as 0 | {_target_: ...}
 
 
 @dataclass
@@ -165,6 +204,7 @@ class TrainOptions:
 class PipelineConfig:
     paths: PathsConfig = field(default_factory=PathsConfig)
     model: dict[str, Any] = field(default_factory=dict)  # _target_ of the model class + kwargs
+    adapters: AdaptersConfig = field(default_factory=AdaptersConfig)
     data: DataConfig = field(default_factory=DataConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     directions: DirectionsConfig = field(default_factory=DirectionsConfig)
@@ -184,11 +224,52 @@ def to_typed(cfg: DictConfig) -> PipelineConfig:
     """The composed config as the schema's objects: dataclasses and Enums, interpolations resolved.
 
     Stages receive this, so a config key is named in this module only (``cfg.compute.model_mode``).
+
+    Raises:
+        ConfigurationError: a key the schema does not have. Hydra's ``+`` adds keys to any
+            section without checking them, and converting to the schema would drop them
+            silently (``+metrics.sharpness._target_=...`` would compute nothing).
     """
-    typed = OmegaConf.to_object(cfg)
+    _refuse_unknown_keys(cfg, PipelineConfig, "")
+    try:
+        typed = OmegaConf.to_object(cfg)
+    except MissingMandatoryValue as err:
+        key = err.full_key or "a key"
+        hint = " (model=custom leaves it for you: model._target_=my_pkg.Net)" if key == "model._target_" else ""
+        raise ConfigurationError(f"{key} is missing (???): set it on the command line or in a config{hint}.") from err
     if not isinstance(typed, PipelineConfig):
         raise TypeError(f"to_typed: expected a config composed on base_config, got {type(typed).__name__}")
     return typed
+
+
+_WHERE_INSTEAD = {
+    "metrics": "a custom metric goes under metrics.extra.<name>, e.g. "
+    "'+metrics.extra.sharpness._target_=my_pkg.metrics.sharpness'",
+    "compute": "the adapters of a model's input and output are adapters.forward and adapters.output",
+}
+
+
+def _refuse_unknown_keys(node: Any, schema: type, prefix: str) -> None:
+    """Raise on a key of ``node`` that the dataclass ``schema`` lacks, in any nested section."""
+    if not isinstance(node, DictConfig):
+        return
+    hints = typing.get_type_hints(schema)
+    for key in node.keys():
+        key = str(key)
+        full = f"{prefix}{key}"
+        if key not in hints:
+            section = prefix.rstrip(".") or "the config"
+            known = ", ".join(f.name for f in dataclasses.fields(schema))
+            instead = _WHERE_INSTEAD.get(prefix.split(".")[0], "")
+            raise ConfigurationError(
+                f"{full}: {section} has no key {key!r} (its keys: {known}); "
+                + (f"{instead}; " if instead else "")
+                + "Hydra's '+' adds a key without checking it, so drop the '+' to override an "
+                "existing key, or correct its name."
+            )
+        sub = hints[key]
+        if dataclasses.is_dataclass(sub):
+            _refuse_unknown_keys(node._get_node(key), sub, f"{full}.")
 
 
 def register_configs() -> None:

@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import mlflow
 
-from landscapes.errors import CheckpointNotFoundError, ConfigurationError
+from landscapes.errors import CheckpointNotFoundError
+from pipelines.checkpoint_sources import resolve_checkpoint_file, source_run_of
 from pipelines.config import PipelineConfig
 from pipelines.stages.checkpoint import CheckpointInputs
 
-__all__ = ["checkpoint_inputs", "towards_paths", "demo_train_config", "training_run_of"]
+__all__ = ["checkpoint_inputs", "towards_paths", "demo_train_config", "training_run_of", "mlflow_cache_dir"]
 
 _MLFLOW_SCHEMES = ("runs:/", "models:/", "mlflow-artifacts:/")
-_CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
 
 
 def checkpoint_inputs(
@@ -25,7 +29,7 @@ def checkpoint_inputs(
     if source is None:
         return _demo_checkpoint(cfg, uri)
     if source.startswith(_MLFLOW_SCHEMES):
-        return _download(source, key)
+        return _download(cfg, source, key)
     path = Path(source).expanduser()
     if not path.is_absolute():
         path = Path(cfg.paths.root_dir) / path
@@ -61,23 +65,56 @@ def demo_train_config(cfg: PipelineConfig, uri: str) -> dict[str, Any]:
     return {"out_dir": Path(cfg.paths.demo_dir), "tracking_uri": uri, **opts}
 
 
-def _download(uri: str, key: str = "checkpoint.path") -> CheckpointInputs:
+def mlflow_cache_dir(cfg: PipelineConfig) -> Path:
+    """Where MLflow checkpoints are downloaded: ``<paths.root_dir>/outputs/cache/mlflow``."""
+    return Path(cfg.paths.root_dir) / "outputs" / "cache" / "mlflow"
+
+
+def _download(cfg: PipelineConfig, uri: str, key: str = "checkpoint.path") -> CheckpointInputs:
+    """Download ``uri`` into the project's cache, named by the checkpoint's content.
+
+    Each download goes to a fresh folder in the cache (so parallel jobs never write one file
+    together), then moves to ``<cache>/<sha256[:16] of the file>-<sha256[:8] of the URI>/``:
+    the same checkpoint from the same URI always lands at the same path (a re-run reuses the
+    checkpoint stage, whose key is the path), and another one (``models:/name/latest`` after a
+    new version) at another path.
+    """
+    cache = mlflow_cache_dir(cfg)
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".download-", dir=cache)).resolve()
     try:
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
-    except Exception as err:
-        raise CheckpointNotFoundError(
-            f"{key}={uri!r}: MLflow cannot download it ({type(err).__name__}: {str(err).splitlines()[0]}); "
-            "check the run id / model name and the tracking URI."
-        ) from err
-    if local.is_dir():
-        files = [p for p in local.rglob("*") if p.suffix in _CHECKPOINT_SUFFIXES]
-        if len(files) != 1:
-            raise ConfigurationError(
-                f"{key}={uri!r} is a folder with {len(files)} checkpoint files; point at one file."
+        try:
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(tmp))).resolve()
+        except Exception as err:
+            raise CheckpointNotFoundError(
+                f"{key}={uri!r}: MLflow cannot download it ({type(err).__name__}: {str(err).splitlines()[0]}); "
+                "check the run id / model name and the tracking URI."
+            ) from err
+        file = resolve_checkpoint_file(local, uri, trust_pickle=cfg.checkpoint.trust_pickle, key=key)
+        run_id = source_run_of(uri, key=key)
+        final = cache / f"{_sha256(file)[:16]}-{hashlib.sha256(uri.encode()).hexdigest()[:8]}"
+        try:
+            os.rename(tmp, final)  # atomic; fails if an earlier run (or a parallel job) put it there
+        except OSError:
+            if not final.is_dir():
+                raise
+        path = final / file.relative_to(tmp)
+        if not path.is_file():
+            raise CheckpointNotFoundError(
+                f"{key}={uri!r}: the cached download {final} lacks {file.relative_to(tmp)}; delete {final} "
+                "and run again."
             )
-        local = files[0]
-    run_id = uri.split("/")[1] if uri.startswith("runs:/") else None
-    return CheckpointInputs(path=local, source=uri, training_run_id=run_id)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return CheckpointInputs(path=path, source=uri, training_run_id=run_id)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _demo_checkpoint(cfg: PipelineConfig, uri: str) -> CheckpointInputs:

@@ -25,7 +25,14 @@ from landscapes.grid import Grid, tile_shape_for
 from landscapes.integrity import file_lock
 from landscapes.store import LandscapeStore, verify_store
 from pipelines.backends import Backend, make_backend
-from pipelines.builders import as_device, build_data, build_metrics, grid_axes, load_model
+from pipelines.builders import (
+    as_device,
+    build_adapters,
+    build_data,
+    build_metrics,
+    grid_axes,
+    load_model,
+)
 from pipelines.config import PipelineConfig
 
 
@@ -77,9 +84,11 @@ def evaluate(cfg: PipelineConfig, inputs: EvaluateInputs, backend: Backend | Non
     flat, dir_attrs = load_directions(inputs.directions)
     axes = grid_axes(cfg.grid)
     _check_directions(flat, model, len(axes), inputs.directions)
+    forward, output = build_adapters(cfg.adapters)
     evaluator = L.Evaluator(
         model, metrics, torch.from_numpy(flat), device=device, strategy=str(ccfg.strategy),
         model_mode=str(ccfg.model_mode), memory_budget=ccfg.memory_budget, max_batch_points=ccfg.max_batch_points,
+        forward=forward, output=output, bn_batches=ccfg.bn_batches,
     )
     resume = cfg.resume
     if resume:

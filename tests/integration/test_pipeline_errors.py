@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import mlflow
+import mlflow.pytorch
 import numpy as np
 import pytest
 import torch
@@ -20,16 +21,20 @@ from omegaconf.errors import ConfigAttributeError, ValidationError
 
 from landscapes.checkpoints import load_into, load_state_dict
 from landscapes.errors import (
+    AdapterError,
     CheckpointError,
     CheckpointNotFoundError,
     ConfigurationError,
+    MetricValueError,
     StoreError,
 )
 from landscapes.store import LandscapeStore
+from pipelines.builders import build_model
 from pipelines.demo import DemoMLP
 from pipelines.stages.directions import DirectionsInputs, directions
 from pipelines.stages.evaluate import EvaluateInputs, evaluate
 from tests.integration.conftest import Project
+from tests.integration.own_models import SEARCHPATH
 
 CUDA = torch.cuda.is_available()
 needs_no_cuda = pytest.mark.skipif(CUDA, reason="a CUDA device is present: compute.device=cuda is valid here")
@@ -69,6 +74,17 @@ COMPOSE_ERRORS = [
         id="float-seed",
     ),
     pytest.param(
+        ["compute.model_mode=recompute"], ConfigCompositionException, r"compute\.model_mode=recompute",
+        ValidationError, r"Invalid value 'recompute', expected one of \[eval, train, recompute_bn, as_is\]",
+        id="unknown-model-mode",
+    ),
+    pytest.param(
+        ["+metrics.extra._target_=my_pkg.sharpness"], ConfigCompositionException,
+        r"Error merging override \+metrics\.extra\._target_=my_pkg\.sharpness",
+        ValidationError, r"Cannot assign str to Dict\[str, Any\]",
+        id="custom-metric-without-a-name",
+    ),
+    pytest.param(
         ["directions=checkpoint"], MissingConfigException, r"Could not find 'directions/checkpoint'(?s:.*)checkpoints",
         None, None,
         id="unknown-group-option",
@@ -95,6 +111,41 @@ def _pickled_module(project: Project) -> Path:
     if not path.exists():
         torch.save(load_into(DemoMLP(), load_state_dict(project.checkpoint(4))), path)
     return path
+
+
+def _own_checkpoint(project: Project, name: str, *overrides: str) -> Path:
+    """The state dict of the model that ``overrides`` configure (seed 0), saved once per root."""
+    path = project.root / name
+    if not path.exists():
+        torch.manual_seed(0)
+        torch.save(build_model(project.resolved(*overrides).model).state_dict(), path)
+    return path
+
+
+def _own(project: Project, model: str, data: str) -> list[str]:
+    """A model and data of the user's config group (tests/integration/own_models/conf), with a checkpoint."""
+    overrides = [SEARCHPATH, f"model={model}", f"data={data}"]
+    return [*overrides, f"checkpoint.path={_own_checkpoint(project, f'{model}.pt', *overrides)}"]
+
+
+def _pt2_model(project: Project) -> str:
+    """The demo MLP logged with mlflow.pytorch.log_model in MLflow 3's default format (pt2)."""
+    marker = project.root / "pt2_uri"
+    if marker.exists():
+        return marker.read_text()
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(project.uri)
+    try:
+        with mlflow.start_run(experiment_id=project.experiment_id) as run:
+            mlflow.pytorch.log_model(
+                load_into(DemoMLP(), load_state_dict(project.checkpoint(4))), name="model",
+                serialization_format="pt2", input_example=np.zeros((2, 64), dtype=np.float32),
+                pip_requirements=["torch"],
+            )
+    finally:
+        mlflow.set_tracking_uri(previous)
+    marker.write_text(f"runs:/{run.info.run_id}/model")
+    return marker.read_text()
 
 
 Overrides = Callable[[Project], list[str]]
@@ -172,6 +223,91 @@ RUN_ERRORS = [
         id="missing-towards-checkpoint",
     ),
     pytest.param(
+        lambda p: ["model._target_=pipelines.demo.DemoCNN"], ConfigurationError,
+        r"^model: cannot instantiate 'pipelines\.demo\.DemoCNN': TypeError: DemoCNN\.__init__\(\) got an unexpected "
+        r"keyword argument 'in_features'; check model\._target_ and its keyword arguments \(use model=custom to "
+        r"start from no kwargs\)\.",
+        id="model-with-the-demo-kwargs",
+    ),
+    pytest.param(
+        lambda p: ["model=custom", "model._target_=my_pkg.Net"], ConfigurationError,
+        r"^model: cannot instantiate 'my_pkg\.Net': ModuleNotFoundError: No module named 'my_pkg'; check model\._target_",
+        id="model-not-importable",
+    ),
+    pytest.param(
+        lambda p: ["model=custom"], ConfigurationError,
+        r"model\._target_ is missing \(\?\?\?\)(?s:.*)model\._target_=my_pkg\.Net",
+        id="model-custom-without-target",
+    ),
+    pytest.param(
+        lambda p: ["+data.dataset.colour=red"], ConfigurationError,
+        r"^data\.dataset: cannot instantiate 'pipelines\.demo\.digits_dataset': TypeError: .*'colour'; check "
+        r"data\.dataset\._target_ and its keyword arguments\.",
+        id="dataset-with-a-wrong-kwarg",
+    ),
+    pytest.param(
+        lambda p: ["metrics.loss._target_=torch.nn.CrossEntropyLos"], ConfigurationError,
+        r"^metrics\.loss: cannot instantiate 'torch\.nn\.CrossEntropyLos': ModuleNotFoundError: No module named "
+        r"'torch\.nn\.CrossEntropyLos'; check metrics\.loss\._target_",
+        id="loss-misspelt",
+    ),
+    pytest.param(
+        lambda p: ["+metrics.extra.confidence._target_=tests.integration.own_models.MeanMaxProbability",
+                   "+metrics.extra.confidence.temperature=2"], ConfigurationError,
+        r"^metrics\.extra\.confidence: cannot instantiate 'tests\.integration\.own_models\.MeanMaxProbability': "
+        r"TypeError: .*'temperature'",
+        id="metric-with-a-wrong-kwarg",
+    ),
+    pytest.param(
+        lambda p: ["+metrics.sharpness._target_=my_pkg.sharpness"], ConfigurationError,
+        r"^metrics\.sharpness: metrics has no key 'sharpness' \(its keys: .*extra\); a custom metric goes under "
+        r"metrics\.extra\.<name>",
+        id="custom-metric-outside-extra",
+    ),
+    pytest.param(
+        lambda p: ["+metrics.extra.loss._target_=tests.integration.own_models.logit_norm"], ConfigurationError,
+        r"metrics\.extra\.loss: 'loss' is a built-in metric's name",
+        id="custom-metric-named-loss",
+    ),
+    pytest.param(
+        lambda p: ["+metrics.extra.empty=1"], ConfigCompositionException, r"metrics\.extra\.empty=1",
+        id="custom-metric-not-a-mapping",
+    ),
+    pytest.param(
+        lambda p: ["+metrics.extra.bad._target_=tests.integration.own_models.returns_none"], MetricValueError,
+        r"metrics\.extra\.bad: tests\.integration\.own_models\.returns_none\(model, batch\) returned None \(a "
+        r"NoneType\) on batch 0; a metric function must return one number",
+        id="metric-returns-none",
+    ),
+    pytest.param(
+        lambda p: ["+metrics.extra.bad._target_=tests.integration.own_models.ReturnsText"], MetricValueError,
+        r"metric 'bad' \(ReturnsText\) returned 'low' \(a str\) at point 0; a Metric must return one number",
+        id="metric-returns-text",
+    ),
+    pytest.param(
+        lambda p: ["adapters.forward=kwarg"], ConfigurationError,
+        r"adapters\.forward: forward='kwarg' is not an option; choose one of 'auto', 'call', 'star', 'kwargs'",
+        id="unknown-forward-adapter",
+    ),
+    pytest.param(
+        lambda p: _own(p, "takes_x", "class_tokens"), AdapterError,
+        r"forward='auto': the model does not take the batch as model\(\*\*batch\) with keys \['attention_mask', "
+        r"'input_ids'\](?s:.*)Set the forward adapter",
+        id="mapping-batch-the-model-does-not-take",
+    ),
+    pytest.param(
+        lambda p: _own(p, "no_logits", "small_images"), AdapterError,
+        r"output='auto': the model returned a dict with keys \['scores'\]; expected a tensor, a 'logits' field or a "
+        r"tuple starting with a tensor(?s:.*)Set the output adapter",
+        id="output-without-logits",
+    ),
+    pytest.param(
+        lambda p: [f"checkpoint.path={_pt2_model(p)}"], CheckpointError,
+        r"^checkpoint\.path='runs:/\w+/model' is an MLflow model in 'pt2' format \(MLflow 3's default(?s:.*)"
+        r"set checkpoint\.trust_pickle=true",
+        id="pt2-model-without-trust-pickle",
+    ),
+    pytest.param(
         lambda p: ["tracking.uri=sqlite:///relative.db"], ConfigurationError,
         r"tracking URI 'sqlite:///relative\.db' is a relative sqlite path(?s:.*)Use an absolute path",
         id="relative-tracking-uri",
@@ -198,6 +334,11 @@ def test_run_errors(overrides: Overrides, error: type[Exception], match: str, mo
     pytest.param(["grid.range=[0,inf]"], id="infinite-range"),
     pytest.param(["data.limit=0"], id="zero-samples"),
     pytest.param(["compute.device=cuda"], id="cuda-without-gpu", marks=needs_no_cuda),
+    pytest.param(["model=custom", "model._target_=my_pkg.Net"], id="model-not-importable"),
+    pytest.param(["metrics.loss._target_=torch.nn.CrossEntropyLos"], id="loss-misspelt"),
+    pytest.param(["adapters.output=logit"], id="unknown-output-adapter"),
+    pytest.param(["+metrics.extra.m._target_=my_pkg.sharpness"], id="custom-metric-not-importable"),
+    pytest.param(["+metrics.sharpness._target_=my_pkg.sharpness"], id="custom-metric-outside-extra"),
     pytest.param(["experiment=2d_three_checkpoints", "directions.towards=[outputs/demo/checkpoints/epoch_000.pt]"],
                  id="plane-with-one-towards"),
 ])
@@ -217,6 +358,17 @@ def test_pickled_module_loads_with_trust_pickle(project: Project) -> None:
     run = project.client.get_run(result["run_id"])
     assert run.info.status == "FINISHED"
     assert sorted(project.stages(run.info.run_id)) == ["checkpoint"]
+
+
+@pytest.mark.slow
+def test_pt2_model_loads_with_trust_pickle(project: Project) -> None:
+    """An MLflow model in pt2 format, downloaded into the project's cache, read with the opt-in."""
+    uri = _pt2_model(project)
+    result = project.run("debug=default", f"checkpoint.path={uri}", "checkpoint.trust_pickle=true", "stop_after=checkpoint")
+    assert project.client.get_run(result["run_id"]).info.status == "FINISHED"
+    path = Path(result["checkpoint"])
+    assert path.name == "model.pt2" and (project.root / "outputs" / "cache" / "mlflow") in path.parents
+    assert project.client.get_run(result["run_id"]).data.tags["landscapes.training_run"] == uri.split("/")[1]
 
 
 @pytest.mark.slow

@@ -426,6 +426,7 @@ def render_all(
     *,
     metrics: Sequence[str] | None = None,
     log: bool = False,
+    html: bool = True,
 ) -> list[Path]:
     """Write every applicable plot of a landscape into ``out_dir``.
 
@@ -439,6 +440,7 @@ def render_all(
         out_dir: directory to write into (created).
         metrics: metrics to plot; default every 1-D or 2-D data variable.
         log: plot ``log10`` values / log scale.
+        html: also write the interactive ``<m>.html`` (plotly).
 
     Returns:
         Written paths in order.
@@ -466,7 +468,8 @@ def render_all(
             paths.append(_save_png(plot_curve(ds, (m,), log=log), out / f"{name}_curve{sfx}.png"))
         else:
             continue
-        paths.append(plot_html(ds, m, path=out / f"{name}{sfx}.html", log=log))
+        if html:
+            paths.append(plot_html(ds, m, path=out / f"{name}{sfx}.html", log=log))
     if len(curves) > 1:
         paths.append(_save_png(plot_curve(ds, curves, log=log), out / f"curves{sfx}.png"))
     return paths

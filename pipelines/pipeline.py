@@ -34,7 +34,10 @@ from pipelines.stages.report import ReportInputs, report
 def store_fingerprint(flow: Flow) -> str:
     """What a landscape's values depend on, not how they are computed: another backend resumes the store."""
     c = flow.cfg
-    sections = {"model": c.model, "data": c.data, "metrics": c.metrics, "grid": c.grid, "model_mode": c.compute.model_mode}
+    sections = {"model": c.model, "adapters": c.adapters, "data": c.data, "metrics": c.metrics, "grid": c.grid,
+                "model_mode": c.compute.model_mode}
+    if c.compute.model_mode == "recompute_bn":
+        sections["bn_batches"] = c.compute.bn_batches
     return tracking.stage_key("evaluate", sections, (flow.identity["checkpoint"], flow.identity["directions"]), VERSION)
 
 
@@ -62,7 +65,7 @@ STAGES: tuple[Stage, ...] = (
           inputs=lambda f: DirectionsInputs(f.outputs["checkpoint"].path, f.towards),
           place=lambda f, key: {"out_dir": f.stores / f"directions-{key[:16]}"},
           intact=lambda f, out: _in_root(f, out.path) or dr_stage.intact(out)),
-    Stage("evaluate", ev_stage.evaluate, ("model", "data", "metrics", "grid", "compute"), ("checkpoint", "directions"),
+    Stage("evaluate", ev_stage.evaluate, ("model", "adapters", "data", "metrics", "grid", "compute"), ("checkpoint", "directions"),
           inputs=_evaluate_inputs, intact=lambda f, out: _in_root(f, out.store) or ev_stage.intact(out)),
     Stage("aggregate", aggregate, ("summary",), ("evaluate",), inputs=lambda f: AggregateInputs(f.outputs["evaluate"].store)),
     Stage("report", report, ("plot",), ("aggregate",), enabled=lambda cfg: cfg.plot.enabled,

@@ -23,17 +23,16 @@ class ReportOutputs:
 
 
 def report(cfg: PipelineConfig, inputs: ReportInputs) -> ReportOutputs:
-    """Contour, filled contour and 3-D surface for planes; curves for lines; HTML if enabled."""
+    """Contour, filled contour and 3-D surface for planes; curves for lines; HTML if enabled.
+
+    Plots the metrics of ``plot.metrics`` and every custom metric of ``metrics.extra``.
+    """
     pcfg = cfg.plot
     ds = LandscapeStore.open(inputs.store, mode="r").to_xarray()
-    wanted = [m for m in pcfg.metrics if m in ds.data_vars]
+    wanted = [m for m in dict.fromkeys([*pcfg.metrics, *cfg.metrics.extra]) if m in ds.data_vars]  # custom metrics too
     out_dir = inputs.out_dir / "plots"
     paths: list[Path] = []
     for metric in wanted:  # log scale for the loss only: accuracy lives in [0, 1]
-        paths += plots.render_all(ds, out_dir, metrics=[metric], log=pcfg.log and metric == "loss")
-    if not pcfg.html:
-        paths = [p for p in paths if p.suffix != ".html"]
-        for p in out_dir.glob("*.html"):
-            p.unlink()
+        paths += plots.render_all(ds, out_dir, metrics=[metric], log=pcfg.log and metric == "loss", html=pcfg.html)
     return ReportOutputs(plots=tuple(paths), artifacts=(out_dir,))
 

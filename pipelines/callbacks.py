@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +14,8 @@ from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
+
+from landscapes.errors import LandscapesError
 
 ENV_SWEEP_RUN = "LANDSCAPES_SWEEP_RUN_ID"
 SWEEP_RUN_FILE = "sweep_run_id"
@@ -28,6 +33,32 @@ def sweep_run_id() -> str | None:
         return os.environ[ENV_SWEEP_RUN]
     marker = Path(hc.sweep.dir) / SWEEP_RUN_FILE
     return marker.read_text().strip() if marker.exists() else None
+
+
+@contextlib.contextmanager
+def errors_in_one_line() -> Iterator[None]:
+    """A known error of a single run (bad input, a full disk, a lost service) ends it with its message only.
+
+    The message names the cause and the fix; the traceback is shown with ``LANDSCAPES_DEBUG=1``
+    and inside a sweep (where Hydra reports each failed job).
+    """
+    try:
+        yield
+    except LandscapesError as err:
+        if os.environ.get("LANDSCAPES_DEBUG") or sweep_run_id() is not None or _multirun():
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        for note in getattr(err, "__notes__", ()):
+            print(f"       ({note})", file=sys.stderr)
+        print("       (LANDSCAPES_DEBUG=1 shows the traceback)", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+def _multirun() -> bool:
+    try:
+        return HydraConfig.get().mode == RunMode.MULTIRUN
+    except ValueError:
+        return False
 
 
 class SweepCallback(Callback):

@@ -20,7 +20,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
-from pipelines.callbacks import sweep_run_id
+from pipelines.callbacks import errors_in_one_line, sweep_run_id
 from pipelines.config import register_configs
 from pipelines.paths import CONF_DIR, PROJECT_ROOT
 from pipelines.pipeline import run_pipeline
@@ -30,7 +30,8 @@ register_configs()
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def main(cfg: DictConfig) -> dict[str, Any]:
-    result = run_pipeline(cfg, sweep_run_id=sweep_run_id())
+    with errors_in_one_line():
+        result = run_pipeline(cfg, sweep_run_id=sweep_run_id())
     if not result["summary"]:
         print(f"stopped after {cfg.stop_after.value}: {result}")
         return result

@@ -860,7 +860,9 @@ def _failure(exc: BaseException) -> tuple[str, str] | None:
     deepest = chain[-1]
     if any(isinstance(e, requests.RequestException | urllib3.exceptions.HTTPError) for e in chain):
         cause = _first_line(deepest)
-        if any(isinstance(e, requests.Timeout | urllib3.exceptions.TimeoutError | TimeoutError) for e in chain):
+        # (urllib3's NewConnectionError, a refused connection, is also one of its TimeoutErrors)
+        if isinstance(deepest, TimeoutError) or any(
+                isinstance(e, requests.Timeout | urllib3.exceptions.ReadTimeoutError) for e in chain):
             cause = f"no answer within {os.environ.get(HTTP_TIMEOUT, '120')} s: {cause}"
         return "server", cause
     for e in chain:

@@ -87,15 +87,15 @@ class SweepCallback(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         from mlflow.tracking import MlflowClient
 
-        from pipelines import comparison
+        from pipelines import comparison, tracking
 
         if self.run_id is None:
             return
-        if MlflowClient().get_run(self.run_id).info.status == "FAILED":  # a job failed (joblib: not raised)
-            os.environ.pop(ENV_SWEEP_RUN, None)
-            return
-        status = "FINISHED"
         try:
+            with tracking.translate_failures():
+                failed = MlflowClient().get_run(self.run_id).info.status == "FAILED"
+            if failed:  # a job failed (joblib: not raised)
+                return
             if OmegaConf.select(config, "compare", default=True):
                 runs = comparison.pipeline_runs(experiment_id=self.experiment_id, parent_run_id=self.run_id)
                 if len(runs) >= 2:
@@ -103,9 +103,10 @@ class SweepCallback(Callback):
                     result = comparison.compare(runs, out_dir=out, experiment_id=self.experiment_id, parent_run_id=self.run_id,
                                              log=bool(OmegaConf.select(config, "plot.log", default=True)))
                     print(f"compared {len(runs)} landscapes: {out} (MLflow run {result.run_id})")
-        except Exception:
-            status = "FAILED"
+        except Exception as err:
+            tracking.end_run_quietly(self.run_id, "FAILED", err)
             raise
         finally:
-            MlflowClient().set_terminated(self.run_id, status)
             os.environ.pop(ENV_SWEEP_RUN, None)
+        with tracking.translate_failures():
+            MlflowClient().set_terminated(self.run_id, "FINISHED")

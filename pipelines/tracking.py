@@ -72,6 +72,8 @@ __all__ = [
     "run_stage",
     "start_pipeline_run",
     "start_sweep_run",
+    "end_run_quietly",
+    "translate_failures",
     "owner_tags",
     "close_stale_runs",
     "log_params",
@@ -305,7 +307,7 @@ def get_or_create_experiment(name: str, *, artifact_root: Path) -> str:
     uri = mlflow.get_tracking_uri()
     remote = uri.startswith(("http://", "https://"))
     client = MlflowClient()
-    with _guard(None):
+    with translate_failures(None):
         experiment = client.get_experiment_by_name(name)
         if experiment is None:
             safe = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "experiment"
@@ -483,7 +485,7 @@ def run_stage(
             message says where the stored tiles are and to re-run to resume.
     """
     outputs_type = outputs_type or _return_type(fn, name)
-    with _guard(name, inputs, parent_run_id=parent_run_id):
+    with translate_failures(name, inputs, parent_run_id=parent_run_id):
         if reuse:
             previous = find_finished_stage(experiment_id, key)
             if previous is not None:
@@ -505,7 +507,7 @@ def run_stage(
     run_id = run.info.run_id
     try:
         if params:
-            with _guard(name, inputs, parent_run_id=parent_run_id):
+            with translate_failures(name, inputs, parent_run_id=parent_run_id):
                 mlflow.log_params(flatten_params(params))
         outputs = fn(cfg, inputs)
         if not isinstance(outputs, outputs_type):
@@ -517,7 +519,7 @@ def run_stage(
         payload = json.dumps(_canonical(dataclasses.asdict(outputs), f"{name} outputs"))
         metrics = _numbers(getattr(outputs, "metrics", None), name)
         artifacts = _artifact_paths(getattr(outputs, "artifacts", None), name)
-        with _guard(name, outputs, inputs, parent_run_id=parent_run_id):
+        with translate_failures(name, outputs, inputs, parent_run_id=parent_run_id):
             mlflow.log_text(payload, OUTPUTS_ARTIFACT)
             if len(payload) <= MAX_TAG_VAL_LENGTH:
                 mlflow.set_tag(TAG_OUTPUTS, payload)
@@ -532,7 +534,7 @@ def run_stage(
     except BaseException as exc:
         _end_active_run(run_id, exc)
         raise
-    with _guard(name, outputs, inputs, parent_run_id=parent_run_id):
+    with translate_failures(name, outputs, inputs, parent_run_id=parent_run_id):
         mlflow.end_run("FINISHED")
         _link_parent(parent_run_id, name, run_id)
     return outputs
@@ -567,7 +569,7 @@ def start_pipeline_run(
             exception is the ``__cause__``).
     """
     all_tags = {TAG_KIND: "pipeline", **owner_tags(), **{k: str(v) for k, v in (tags or {}).items()}}
-    with _guard(None):
+    with translate_failures(None):
         close_stale_runs(experiment_id, f"tags.`{TAG_KIND}` = '{all_tags[TAG_KIND]}'")
         run = mlflow.start_run(
             experiment_id=experiment_id,
@@ -578,7 +580,7 @@ def start_pipeline_run(
         )
     run_id = run.info.run_id
     try:
-        with _guard(None, parent_run_id=run_id):
+        with translate_failures(None, parent_run_id=run_id):
             yield run
             mlflow.end_run("FINISHED")
     except BaseException as exc:
@@ -598,7 +600,7 @@ def start_sweep_run(experiment_id: str, run_name: str, tags: Mapping[str, str] |
     Raises:
         TrackingError: The tracking store or server failed.
     """
-    with _guard(None):
+    with translate_failures(None):
         close_stale_runs(experiment_id, f"tags.`{TAG_KIND}` = 'sweep'")
         all_tags = {**{k: str(v) for k, v in (tags or {}).items()}, TAG_KIND: "sweep", **owner_tags()}
         return MlflowClient().create_run(experiment_id, run_name=run_name, tags=all_tags).info.run_id
@@ -890,11 +892,21 @@ def _existing_store(*holders: Any) -> Path | None:
 
 
 @contextmanager
-def _guard(stage: str | None, *holders: Any, parent_run_id: str | None = None) -> Iterator[None]:
-    """Turn a failure of the tracking store inside the block into one-line `TrackingError`.
+def translate_failures(
+    stage: str | None = None, *holders: Any, parent_run_id: str | None = None
+) -> Iterator[None]:
+    """Turn a failure of the tracking store in the block's MLflow calls into a `TrackingError`.
 
-    ``holders`` are the stage's outputs or inputs: their ``store`` (if it exists) is named as
-    where the evaluated tiles are kept, and remembered for the pipeline run ``parent_run_id``.
+    The error is one line: ``tracking.uri=<uri>``, what failed (the server lost, or the store
+    refusing a write) and its cause, what is kept, and to re-run the same command to resume;
+    MLflow's exception is its ``__cause__``. Other exceptions pass through unchanged.
+
+    Args:
+        stage: The stage whose calls these are, named in the message.
+        holders: The stage's outputs or inputs: their ``store`` (if it exists on disk) is
+            named as where the evaluated tiles are kept, and remembered for the pipeline run
+            ``parent_run_id``, whose own calls name it too.
+        parent_run_id: The pipeline run.
     """
     store = _existing_store(*holders)
     if store is not None and parent_run_id is not None:

@@ -208,7 +208,7 @@ HTTP_RETRIES = "MLFLOW_HTTP_REQUEST_MAX_RETRIES"
 HTTP_BACKOFF = "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"
 HTTP_JITTER = "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER"
 HTTP_TIMEOUT = "MLFLOW_HTTP_REQUEST_TIMEOUT"
-_HTTP_SET_HERE: dict[str, str] = {}  # the values `configure` put in os.environ (not the user's)
+_HTTP_SET_HERE: dict[str, set[str]] = {}  # values `configure` has put in os.environ: not the user's
 
 
 def http_settings(request_timeout: float, environ: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -244,7 +244,7 @@ def http_settings(request_timeout: float, environ: Mapping[str, str] | None = No
         )
     env = os.environ if environ is None else environ
     user = {k: env[k] for k in (HTTP_RETRIES, HTTP_BACKOFF, HTTP_JITTER, HTTP_TIMEOUT)
-            if k in env and env[k] != _HTTP_SET_HERE.get(k)}
+            if k in env and env[k] not in _HTTP_SET_HERE.get(k, ())}
     retries = int(user.get(HTTP_RETRIES, 3 if budget >= 20 else 1 if budget >= 6 else 0))
     backoff = int(user.get(HTTP_BACKOFF, 1))
     jitter = float(user.get(HTTP_JITTER, 0.5))
@@ -272,8 +272,9 @@ def configure(tracking_uri: str, *, request_timeout: float = 30.0) -> str:
     """
     settings = http_settings(request_timeout)
     for name, value in settings.items():
-        if os.environ.get(name, _HTTP_SET_HERE.get(name)) == _HTTP_SET_HERE.get(name):
-            os.environ[name] = _HTTP_SET_HERE[name] = value
+        if name not in os.environ or os.environ[name] in _HTTP_SET_HERE.get(name, ()):
+            os.environ[name] = value
+            _HTTP_SET_HERE.setdefault(name, set()).add(value)
     ensure_store(tracking_uri)
     mlflow.set_tracking_uri(tracking_uri)
     return tracking_uri

@@ -73,29 +73,30 @@ class SweepCallback(Callback):
         self.experiment_id: str | None = None
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        from mlflow.tracking import MlflowClient
-
+        """Create the store, close this host's sweep runs whose process is gone, open this one."""
         from pipelines import tracking
 
-        uri = tracking.configure(str(OmegaConf.select(config, "tracking.uri")))
+        uri = tracking.configure(str(OmegaConf.select(config, "tracking.uri")),
+                                 request_timeout=float(OmegaConf.select(config, "tracking.request_timeout", default=30.0)))
         artifacts = Path(str(OmegaConf.select(config, "paths.artifacts_dir")))
         self.experiment_id = tracking.get_or_create_experiment(
             str(OmegaConf.select(config, "tracking.experiment")), artifact_root=tracking.default_artifact_root(uri, artifacts)
         )
         sweep_dir = Path(str(OmegaConf.select(config, "hydra.sweep.dir")))
         overrides = " ".join(OmegaConf.select(config, "hydra.overrides.task") or [])
-        run = MlflowClient().create_run(
-            self.experiment_id, run_name=f"sweep {sweep_dir.name}",
-            tags={tracking.TAG_KIND: "sweep", "landscapes.sweep_dir": str(sweep_dir), "landscapes.overrides": overrides[:5000]},
+        self.run_id = tracking.start_sweep_run(
+            self.experiment_id, f"sweep {sweep_dir.name}",
+            {"landscapes.sweep_dir": str(sweep_dir), "landscapes.overrides": overrides[:5000]},
         )
-        self.run_id = run.info.run_id
         sweep_dir.mkdir(parents=True, exist_ok=True)
         (sweep_dir / SWEEP_RUN_FILE).write_text(self.run_id + "\n")
         os.environ[ENV_SWEEP_RUN] = self.run_id
 
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
         """A failed job fails the sweep's parent run at once: Hydra stops the sweep after a
-        failure without calling ``on_multirun_end``, which would otherwise leave it RUNNING."""
+        failure without calling ``on_multirun_end``, which would otherwise leave it RUNNING.
+        When the tracking store itself failed, one short attempt is made, and the job's error
+        stays the one reported (the next sweep closes the run if it could not be written)."""
         if job_return.status != JobStatus.FAILED:
             return
         run_id = sweep_run_id()
@@ -103,24 +104,29 @@ class SweepCallback(Callback):
             return
         from mlflow.tracking import MlflowClient
 
-        client = MlflowClient()
+        from pipelines import tracking
+
         err = job_return._return_value  # the exception; .return_value would re-raise it
         overrides = " ".join(job_return.overrides or [])
-        client.set_tag(run_id, "landscapes.failed_job", f"{overrides}: {type(err).__name__}: {err}"[:5000])
-        client.set_terminated(run_id, "FAILED")
+        if not isinstance(err, tracking.TrackingError):
+            try:
+                MlflowClient().set_tag(run_id, "landscapes.failed_job", f"{overrides}: {type(err).__name__}: {err}"[:5000])
+            except Exception:  # noqa: BLE001 - the job's own error is what to report
+                pass
+        tracking.end_run_quietly(run_id, "FAILED", err)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         from mlflow.tracking import MlflowClient
 
-        from pipelines import comparison
+        from pipelines import comparison, tracking
 
         if self.run_id is None:
             return
-        if MlflowClient().get_run(self.run_id).info.status == "FAILED":  # a job failed (joblib: not raised)
-            os.environ.pop(ENV_SWEEP_RUN, None)
-            return
-        status = "FINISHED"
         try:
+            with tracking.translate_failures():
+                failed = MlflowClient().get_run(self.run_id).info.status == "FAILED"
+            if failed:  # a job failed (joblib: not raised)
+                return
             if OmegaConf.select(config, "compare", default=True):
                 runs = comparison.pipeline_runs(experiment_id=self.experiment_id, parent_run_id=self.run_id)
                 if len(runs) >= 2:
@@ -128,9 +134,10 @@ class SweepCallback(Callback):
                     result = comparison.compare(runs, out_dir=out, experiment_id=self.experiment_id, parent_run_id=self.run_id,
                                              log=bool(OmegaConf.select(config, "plot.log", default=True)))
                     print(f"compared {len(runs)} landscapes: {out} (MLflow run {result.run_id})")
-        except Exception:
-            status = "FAILED"
+        except Exception as err:
+            tracking.end_run_quietly(self.run_id, "FAILED", err)
             raise
         finally:
-            MlflowClient().set_terminated(self.run_id, status)
             os.environ.pop(ENV_SWEEP_RUN, None)
+        with tracking.translate_failures():
+            MlflowClient().set_terminated(self.run_id, "FINISHED")

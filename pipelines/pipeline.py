@@ -77,7 +77,7 @@ def run_pipeline(cfg: DictConfig, *, sweep_run_id: str | None = None, stages: tu
     """Run the stages up to ``stop_after`` under one parent run; return its id, the summary and the plots."""
     c = to_typed(cfg)
     check_config(c)  # before any run is opened or anything computed
-    uri = tracking.configure(c.tracking.uri)
+    uri = tracking.configure(c.tracking.uri, request_timeout=c.tracking.request_timeout)
     exp_id = tracking.get_or_create_experiment(
         c.tracking.experiment, artifact_root=tracking.default_artifact_root(uri, Path(c.paths.artifacts_dir)))
     flow = Flow(c, checkpoint_inputs(c, uri), towards_paths(c, uri), stores_dir(c.paths.root_dir))

@@ -364,6 +364,13 @@ class Evaluator:
         points = max(passes, _fit(memory_budget - passes * activations, params, cap))
         return points, passes
 
+    @property
+    def bytes_per_point(self) -> int:
+        """Memory one grid point needs within a tile: its parameters (and a temporary), plus
+        its activations where a pass holds several points (not on the loop)."""
+        params = self.space.numel * self.basis.element_size() * 2
+        return params + (3 * self._activation_bytes() if self.strategy != "loop" else 0)
+
     def _activation_bytes(self) -> int:
         """Bytes of every leaf module's output for one point on the first batch (measured once)."""
         if getattr(self, "_act_bytes", None) is None:

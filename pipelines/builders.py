@@ -86,6 +86,12 @@ def build_dataset(data_cfg: DataConfig) -> Dataset:
             "data.dataset._target_ is missing: name a function or class returning a torch Dataset."
         )
     dataset = instantiate_or_explain(dataset_cfg, "data.dataset")
+    if not isinstance(dataset, Dataset):
+        raise ConfigurationError(
+            f"data.dataset._target_={dataset_cfg['_target_']!r} returned a {type(dataset).__name__}, not a torch "
+            "Dataset; return a torch.utils.data.Dataset of samples (e.g. TensorDataset(x, y), or a dataset of "
+            "mappings such as {'input_ids': ..., 'labels': ...})."
+        )
     limit = data_cfg.limit
     if limit is not None:
         dataset = Subset(dataset, range(min(int(limit), len(dataset))))
@@ -407,6 +413,13 @@ def check_config(cfg: PipelineConfig) -> None:
     axes = grid_axes(cfg.grid)
     check_data_config(cfg.data)
     as_device(cfg.compute.device)
+    for key in ("memory_budget", "max_batch_points"):
+        value = getattr(cfg.compute, key)
+        if value is not None and value < 1:
+            raise ConfigurationError(
+                f"compute.{key}={value}: expected a positive integer (bytes per tile for memory_budget, grid "
+                f"points per tile for max_batch_points), or null for the default."
+            )
     _check_target(cfg.model, "model", hint="use model=custom to start from no kwargs")
     _check_target(cfg.data.dataset, "data.dataset")
     if not cfg.metrics.model_loss:

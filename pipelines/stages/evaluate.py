@@ -34,6 +34,7 @@ from pipelines.builders import (
     load_model,
 )
 from pipelines.config import PipelineConfig
+from pipelines.preflight import check_data_fits, check_memory_budget
 
 
 @dataclass(frozen=True)
@@ -80,16 +81,19 @@ def evaluate(cfg: PipelineConfig, inputs: EvaluateInputs, backend: Backend | Non
     device = as_device(ccfg.device)
     backend = backend or make_backend(ccfg)  # check the compute options before any work
     model = load_model(cfg.model, inputs.checkpoint, trust_pickle=cfg.checkpoint.trust_pickle, strict=cfg.checkpoint.strict)
-    metrics = build_metrics(cfg.metrics, build_data(cfg.data))
+    data = build_data(cfg.data)
+    forward, output = build_adapters(cfg.adapters)
+    check_data_fits(model, data, forward, output, target_key=cfg.metrics.target_key)  # before the first tile
+    metrics = build_metrics(cfg.metrics, data)
     flat, dir_attrs = load_directions(inputs.directions)
     axes = grid_axes(cfg.grid)
     _check_directions(flat, model, len(axes), inputs.directions)
-    forward, output = build_adapters(cfg.adapters)
     evaluator = L.Evaluator(
         model, metrics, torch.from_numpy(flat), device=device, strategy=str(ccfg.strategy),
         model_mode=str(ccfg.model_mode), memory_budget=ccfg.memory_budget, max_batch_points=ccfg.max_batch_points,
         forward=forward, output=output, bn_batches=ccfg.bn_batches,
     )
+    check_memory_budget(evaluator, ccfg.memory_budget)
     resume = cfg.resume
     if resume:
         inputs = replace(inputs, store=_resume_path(resume))

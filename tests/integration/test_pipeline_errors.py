@@ -150,7 +150,37 @@ def _pt2_model(project: Project) -> str:
 
 Overrides = Callable[[Project], list[str]]
 
+def narrow_digits():
+    """The digits with one feature dropped: 63 columns for a model that takes 64."""
+    from torch.utils.data import TensorDataset
+
+    from pipelines.demo import load_digits_tensors
+
+    x, y = load_digits_tensors()
+    return TensorDataset(x[:, :63], y)
+
+
 RUN_ERRORS = [
+    pytest.param(
+        lambda p: ["data.dataset._target_=tests.integration.test_pipeline_errors.narrow_digits"], ConfigurationError,
+        r"data: DemoMLP cannot take a batch of the data \(inputs \(4, 63\) float32, targets \(4,\) int64\): "
+        r"RuntimeError: mat1 and mat2 shapes cannot be multiplied.*Check data\.dataset",
+        id="data-of-another-width",
+    ),
+    pytest.param(
+        lambda p: ["data.dataset._target_=pipelines.demo.load_digits_tensors"],
+        ConfigurationError, r"data\.dataset\._target_='pipelines\.demo\.load_digits_tensors' returned a tuple, not a torch Dataset",
+        id="dataset-not-a-dataset",
+    ),
+    pytest.param(
+        lambda p: ["compute.memory_budget=0"], ConfigurationError,
+        r"compute\.memory_budget=0: expected a positive integer", id="zero-memory-budget",
+    ),
+    pytest.param(
+        lambda p: ["compute.memory_budget=1"], ConfigurationError,
+        r"compute\.memory_budget=1: one grid point of DemoMLP needs about .* set compute\.memory_budget to at least \d+ bytes",
+        id="memory-budget-below-a-point",
+    ),
     pytest.param(
         lambda p: [f"checkpoint.path={p.root / 'missing.pt'}"], CheckpointNotFoundError,
         r"checkpoint\.path='.*/missing\.pt': no such file .*leave checkpoint\.path=null",

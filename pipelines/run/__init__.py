@@ -33,7 +33,8 @@ def main(cfg: DictConfig) -> dict[str, Any]:
     with errors_in_one_line():
         result = run_pipeline(cfg, sweep_run_id=sweep_run_id())
     if not result["summary"]:
-        print(f"stopped after {cfg.stop_after.value}: {result}")
+        made = ", ".join(f"{k} {result[k]}" for k in ("checkpoint", "directions", "store") if k in result)
+        print(f"stopped after {cfg.stop_after.value}: {made}; MLflow run {result['run_id']}")
         return result
     s = result["summary"]
     print(f"landscape: {result['store']}  loss(θ0)={s.get('loss_at_theta0', float('nan')):.4g}  "

@@ -194,11 +194,16 @@ def _open_or_create(inputs: EvaluateInputs, axes, metric_names, evaluator, flat,
         if resume else "Delete the store or change paths.root_dir to start afresh"
     )
     if (inputs.store / "zarr.json").exists():
-        found = LandscapeStore.open(inputs.store, mode="r").attrs.get("fingerprint")
+        attrs = LandscapeStore.open(inputs.store, mode="r").attrs
+        found = attrs.get("fingerprint")
         if found != inputs.fingerprint:
+            differing = _differing_keys(attrs, inputs.provenance)
             raise StoreError(
                 f"{how} was created for another configuration (fingerprint {found!r}, this run "
-                f"{inputs.fingerprint!r}); refusing to mix results. {fix}."
+                f"{inputs.fingerprint!r}"
+                + (f"; differing: {'; '.join(differing)}" if differing else "")
+                + f"); refusing to mix results. {fix}"
+                + (" (give the same overrides as the run that made it)" if resume and differing else "") + "."
             )
         store = LandscapeStore.open(inputs.store, mode="r+")
         shape = tuple(len(a) for a in axes)
@@ -211,6 +216,28 @@ def _open_or_create(inputs: EvaluateInputs, axes, metric_names, evaluator, flat,
     if resume:
         raise StoreError(f"resume={str(inputs.store)!r}: no landscape store there; drop resume= to start afresh.")
     return _create(inputs, axes, metric_names, evaluator, flat, dir_attrs)
+
+
+_PROVENANCE_KEYS = {"model": "model", "data": "data", "metrics_config": "metrics", "grid": "grid",
+                    "directions_config": "directions", "model_mode": "compute.model_mode"}
+
+
+def _differing_keys(store_attrs: dict[str, Any], provenance: dict[str, Any], limit: int = 6) -> list[str]:
+    """Config keys whose value in a store's provenance differs from this run's, as 'key: store X, this run Y'."""
+    out: list[str] = []
+
+    def walk(key: str, a: Any, b: Any) -> None:
+        if isinstance(a, dict) and isinstance(b, dict):
+            for k in sorted(set(a) | set(b)):
+                walk(f"{key}.{k}", a.get(k), b.get(k))
+        elif json.dumps(a, default=str) != json.dumps(b, default=str):
+            out.append(f"{key}: store {a!r}, this run {b!r}")
+
+    plain = json.loads(json.dumps(provenance, default=str))
+    for attr, key in _PROVENANCE_KEYS.items():
+        if attr in store_attrs or attr in plain:
+            walk(key, store_attrs.get(attr), plain.get(attr))
+    return out[:limit]
 
 
 def _create(inputs: EvaluateInputs, axes, metric_names, evaluator, flat, dir_attrs, *, overwrite: bool = False) -> LandscapeStore:

@@ -212,3 +212,26 @@ def test_four_jobs_sharing_one_directions_key(tmp_path: Path, hydra_configs: Non
             for m in got:
                 np.testing.assert_allclose(got[m], reference[n][m], rtol=1e-6, atol=1e-9, err_msg=f"trial {trial}, {m}")
         assert len(list((root / "outputs" / "stores").glob("directions-*"))) == 1
+
+
+# --- resume= keeps its word ----------------------------------------------------------------------
+
+
+def test_resume_finishes_that_store_or_names_the_differing_keys(project: Project) -> None:
+    """resume=<store> never silently reports another finished store (it used to reuse the default's)."""
+    from landscapes.errors import StoreError
+    from landscapes.store import verify_store
+
+    project.run("debug=default")  # a finished store for the default configuration
+    other = project.run("debug=default", "grid.steps=9", "compute.max_batch_points=9")
+    store = Path(other["store"])
+    _chunk(store).unlink()
+    verify_store(store, repair=True)  # as if killed before that tile: one tile to do
+    assert len(LandscapeStore.open(store, mode="r").missing_tiles()) == 1
+
+    with pytest.raises(StoreError, match=r"created for another configuration .*differing: grid\.steps: store 9, this run 5"):
+        project.run("debug=default", f"resume={store}")
+    resumed = project.run("debug=default", "grid.steps=9", "compute.max_batch_points=9", f"resume={store}")
+    assert Path(resumed["store"]) == store and LandscapeStore.open(store, mode="r").is_complete()
+    runs = project.stages(resumed["run_id"])
+    assert runs["evaluate"].data.metrics["tiles_computed"] == 1

@@ -21,7 +21,13 @@ from pipelines.config import to_typed
 from pipelines.driver import VERSION, Flow, Stage, run_stages
 from pipelines.inputs import checkpoint_inputs, towards_paths
 from pipelines.paths import stores_dir
-from pipelines.records import headline_params, provenance
+from pipelines.records import (
+    HEADLINE_METRICS,
+    headline_params,
+    provenance,
+    run_title,
+    training_step,
+)
 from pipelines.stages import checkpoint as ck_stage
 from pipelines.stages import directions as dr_stage
 from pipelines.stages import evaluate as ev_stage
@@ -86,13 +92,17 @@ def run_pipeline(cfg: DictConfig, *, sweep_run_id: str | None = None, stages: tu
     if flow.source.training_run_id:
         tags["landscapes.training_run"] = flow.source.training_run_id
     started = time.perf_counter()
-    name = c.tracking.run_name or f"landscape {Path(flow.source.source).name}"
-    with tracking.start_pipeline_run(exp_id, name, tags, parent_run_id=sweep_run_id) as run:
+    step = training_step(flow.source.source)
+    with tracking.start_pipeline_run(exp_id, c.tracking.run_name or run_title(c, flow.source.source), tags,
+                                     parent_run_id=sweep_run_id) as run:
         mlflow.log_dict(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True), "config.yaml")
-        tracking.log_params(headline_params(c))
+        tracking.log_params(headline_params(c) | ({"epoch": step} if step is not None else {}))
         run_stages(stages, flow, parent_run_id=run.info.run_id, experiment_id=exp_id)
         if "aggregate" in flow.outputs:
             _finish(flow, time.perf_counter() - started)
+            if sweep_run_id and step is not None:  # the sweep charts the headline figures against the epoch
+                figures = flow.outputs["aggregate"].metrics
+                tracking.log_metrics({k: figures[k] for k in HEADLINE_METRICS if k in figures}, step=step, run_id=sweep_run_id)
     return _result(run.info.run_id, flow)
 
 

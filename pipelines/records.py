@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import re
+from pathlib import Path
 from typing import Any
 
 import mlflow
@@ -12,7 +14,7 @@ import landscapes
 from pipelines.config import PipelineConfig
 from pipelines.stages.checkpoint import CheckpointOutputs
 
-__all__ = ["headline_params", "provenance"]
+__all__ = ["headline_params", "provenance", "run_title", "training_step", "HEADLINE_METRICS"]
 
 
 def headline_params(cfg: PipelineConfig) -> dict[str, Any]:
@@ -35,3 +37,31 @@ def provenance(cfg: PipelineConfig, ck: CheckpointOutputs) -> dict[str, Any]:
         "directions_config": plain(cfg.directions), "model_mode": str(cfg.compute.model_mode),
         "versions": {"landscapes": landscapes.__version__, "torch": torch.__version__, "mlflow": mlflow.__version__},
     }
+
+
+HEADLINE_METRICS = ("loss_at_theta0", "accuracy_at_theta0", "loss_min", "flat_area_tol0.1", "sharpness_r0.1")
+"""What a sweep over a training run's checkpoints charts against the epoch."""
+
+_STEP = re.compile(r"(?:epoch|ep|step|iter)[_\-=]?(\d+)", re.IGNORECASE)
+
+
+def training_step(source: str) -> int | None:
+    """The epoch (or step) a checkpoint was saved at, read from its name (``epoch_010.pt`` -> 10)."""
+    found = _STEP.findall(Path(source).stem)
+    return int(found[-1]) if found else None
+
+
+def run_title(cfg: PipelineConfig, source: str) -> str:
+    """A short, telling run name: checkpoint · grid · directions (``epoch_010 · plane 21² filter s0``)."""
+    stem = Path(source).stem if ("/" in source or "." in source) else source
+    steps = cfg.grid.steps if isinstance(cfg.grid.steps, (list, tuple)) else [cfg.grid.steps] * cfg.grid.dims
+    if cfg.grid.dims == 1:
+        grid = f"line {steps[0]}"
+    else:
+        grid = f"plane {steps[0]}²" if len(set(steps)) == 1 else "plane " + "×".join(map(str, steps))
+    d = cfg.directions
+    if d.kind == "random":
+        how = f"{d.normalization} s{d.seed}"
+    else:
+        how = "towards " + ", ".join(Path(t).stem for t in d.towards)
+    return f"{stem} · {grid} {how}"

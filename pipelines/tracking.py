@@ -670,9 +670,9 @@ def log_params(params: Mapping[str, Any]) -> None:
     mlflow.log_params(flatten_params(params))
 
 
-def log_metrics(metrics: Mapping[str, float], *, step: int | None = None) -> None:
-    """Log metrics to the active run, at ``step`` if given."""
-    mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+def log_metrics(metrics: Mapping[str, float], *, step: int | None = None, run_id: str | None = None) -> None:
+    """Log metrics to the active run (or to ``run_id``), at ``step`` if given."""
+    mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step, run_id=run_id)
 
 
 def log_metric_history(history: Sequence[Mapping[str, float]]) -> None:

@@ -118,3 +118,16 @@ def test_a_failed_job_fails_the_sweep_parent(project: Project) -> None:
     runs = project.children(parent.info.run_id, "pipeline")
     finished = [r for r in runs if r.info.status == "FINISHED"]
     assert [Path(r.data.tags["landscapes.checkpoint"]).name for r in finished] == ["epoch_002.pt"]
+
+
+def test_runs_are_named_and_charted_against_the_epoch(sweep) -> None:
+    """Each pipeline run says what it is; the sweep charts loss at θ0 against the checkpoints' epochs."""
+    project, parent, runs = sweep
+    names = sorted(r.info.run_name for r in runs)
+    assert names == ["epoch_002 · plane 5² filter s0", "epoch_004 · plane 5² filter s0"]
+    assert sorted(r.data.params["epoch"] for r in runs) == ["2", "4"]
+    history = project.client.get_metric_history(parent.info.run_id, "loss_at_theta0")
+    by_epoch = {m.step: m.value for m in history}
+    assert sorted(by_epoch) == [2, 4]
+    for run in runs:
+        assert by_epoch[int(run.data.params["epoch"])] == run.data.metrics["loss_at_theta0"]

@@ -64,16 +64,21 @@ def _png(path: Path) -> tuple[int, int, dict[str, str]]:
 
 
 def _html_ok(path: Path) -> None:
+    """A page that loads plotly.js from the file beside it (works offline), and is small."""
     text = path.read_text(encoding="utf-8")
     assert text.lower().startswith(("<html", "<!doctype html")) and "Plotly.newPlot" in text
-    assert not re.search(r"<script[^>]*src=", text)  # plotly.js embedded: works offline
-    assert path.stat().st_size > 1_000_000
+    sources = re.findall(r"<script[^>]*src=\"([^\"]+)\"", text)
+    assert sources == [plots.PLOTLY_JS]  # no CDN, no other network source
+    assert (path.parent / plots.PLOTLY_JS).stat().st_size > 1_000_000
+    assert path.stat().st_size < 200_000
 
 
 def test_contour_png_and_theta0(tmp_path):
     fig = plots.plot_contour(_quadratic(), "loss", title="q")
     (ax,) = [a for a in fig.axes if a.get_label() != "<colorbar>"]
-    assert ax.get_xlabel() == "x" and ax.get_ylabel() == "y" and ax.get_title() == "q"
+    # no provenance: the default dims x, y read as directions (issue 12: not "x" and "y")
+    assert ax.get_xlabel() == "direction 1" and ax.get_ylabel() == "direction 2"
+    assert ax.get_title() == "q"
     assert [line.get_label() for line in ax.get_lines()] == ["θ0"]
     out = tmp_path / "c.png"
     fig.savefig(out, dpi=plots.DPI)
@@ -164,12 +169,11 @@ def test_comparison_shared_scale_2d(tmp_path):
     ]
     lo = min(np.nanmin(d["loss"].values) for d in (a, b, c))
     hi = max(np.nanmax(d["loss"].values) for d in (a, b, c))
-    width, height, text = _png(paths[0])
-    assert (width, height) == (int((4.2 * 3 + 1.2) * plots.DPI), 420)
-    scale = json.loads(text[plots.COLOR_SCALE_KEY])
+    scale = json.loads(_png(paths[0])[2][plots.COLOR_SCALE_KEY])
     assert scale["vmin"] == lo and scale["vmax"] == hi and scale["log"] is False
-    # only b shares a's grid: one difference panel
-    assert _png(paths[1])[:2] == (int((4.2 + 1.2) * plots.DPI), 420)
+    assert scale["planes"] == 1  # no provenance: the caller vouches for one plane
+    # only b shares a's grid: one difference panel (plus its colour bar)
+    _png(paths[1])
     _html_ok(paths[2])
 
     fig = plots.comparison_figure([a, b, c], ["a", "b", "c"], "loss")
@@ -179,6 +183,8 @@ def test_comparison_shared_scale_2d(tmp_path):
     norm = panels[0].collections[0].norm
     assert (norm.vmin, norm.vmax) == (lo, hi)
     assert panels[0].get_shared_x_axes().joined(panels[0], panels[2])
+    assert all(ax.get_box_aspect() == 1 for ax in panels)  # square panels, not stretched
+    assert fig.get_supxlabel() == "direction 1" and fig.get_supylabel() == "direction 2"
 
 
 def test_comparison_log_and_1d(tmp_path):
@@ -192,7 +198,7 @@ def test_comparison_log_and_1d(tmp_path):
     assert [p.name for p in paths] == ["loss_comparison.png", "loss_comparison.html"]
     assert _png(paths[0])[:2] == (650, 450)
     fig = plots.comparison_figure([_line(1.0), _line(2.0)], ["a", "b"])
-    assert [ln.get_label() for ln in fig.axes[0].get_lines()] == ["a", "b"]
+    assert [ln.get_label() for ln in fig.axes[0].get_lines()] == ["a", "b", "θ0"]  # θ0 marked
 
 
 def test_no_global_matplotlib_state(tmp_path):

@@ -1,26 +1,38 @@
 """The compare stage: line up finished landscapes across checkpoints and training runs.
 
 Run by a sweep's callback at its end, or by ``python -m pipelines.compare`` (`pipelines.compare`).
-Writes side-by-side panels on one colour scale, difference maps when the grids match,
+Runs are deduplicated by landscape store (a reused run points at the same store) and grouped by
+grid kind: 2-D planes and 1-D lines are compared apart (in ``planes/`` and ``lines/`` when the
+selection holds both). Planes are told apart by the MLflow tag ``landscapes.directions`` (the
+directions stage's identity: directions and θ0); landscapes on different planes are shown side
+by side only, difference maps are drawn within one plane. Writes panels on one colour scale,
 overlaid curves for lines, and a table of the summary metrics, all logged as a comparison run.
+Nothing is written when the selection is empty or cannot be compared.
 """
 
 from __future__ import annotations
 
 import csv
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import mlflow
 from mlflow.entities import Run
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from landscapes import plots
-from landscapes.errors import ConfigurationError
+from landscapes.errors import ConfigurationError, StoreError
 from landscapes.store import LandscapeStore
 from pipelines import tracking
 
 SUMMARY_KEYS = ("loss_at_theta0", "accuracy_at_theta0", "loss_min", "loss_max", "sharpness_r0.1", "flat_area_tol0.1", "loss_nan_count")
+TAG_STORE = "landscapes.store"
+TAG_PLANE = "landscapes.directions"  # the directions stage's identity: same directions and θ0 → same plane
+METRICS = ("loss", "accuracy")
+_KIND_DIRS = {1: "lines", 2: "planes"}
 
 
 @dataclass(frozen=True)
@@ -28,74 +40,233 @@ class CompareOutputs:
     run_id: str
     files: tuple[Path, ...]
     table: Path
+    run_ids: tuple[str, ...] = ()  # the runs compared, one per landscape store
+    duplicates: tuple[str, ...] = ()  # runs left out: their store is already compared
+    notes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class _Entry:
+    run: Run
+    ds: Any  # xarray.Dataset
+    label: str
+    ndim: int
+    plane: str | None
 
 
 def pipeline_runs(*, run_ids: list[str] | None = None, experiment_id: str | None = None,
                   parent_run_id: str | None = None, filter_string: str = "") -> list[Run]:
-    """Finished pipeline runs, by id, by parent (a sweep) or by experiment and filter."""
+    """Finished pipeline runs, by id, by parent (a sweep) or by experiment and filter.
+
+    Raises:
+        ConfigurationError: (one line) nothing matches, or ``run_ids`` names runs that are not
+            finished pipeline runs with a landscape store (a training, stage or compare run).
+    """
     client = MlflowClient()
     if run_ids:
-        runs = [client.get_run(r) for r in run_ids]
-    else:
-        if experiment_id is None:
-            raise ConfigurationError("compare: give run ids (--runs) or an experiment (--experiment).")
-        clauses = [f"tags.`{tracking.TAG_KIND}` = 'pipeline'", "attributes.status = 'FINISHED'"]
-        if parent_run_id:
-            clauses.append(f"tags.`mlflow.parentRunId` = '{parent_run_id}'")
-        if filter_string:
-            clauses.append(filter_string)
-        runs = client.search_runs([experiment_id], " and ".join(clauses), order_by=["attributes.start_time ASC"])
-    usable = [r for r in runs if r.data.tags.get("landscapes.store")]
-    if len(usable) < 1:
+        runs = []
+        for rid in run_ids:
+            try:
+                runs.append(client.get_run(rid))
+            except MlflowException:
+                raise ConfigurationError(
+                    f"compare: no run {rid!r} in {mlflow.get_tracking_uri()}; pass ids of pipeline runs "
+                    "(their MLflow tag landscapes.kind is 'pipeline')."
+                ) from None
+        bad = [r for r in runs if not _comparable(r)]
+        if bad:
+            what = ", ".join(f"{r.info.run_id[:8]} ({_describe(r)})" for r in bad)
+            raise ConfigurationError(
+                f"compare: the selection mixes in run(s) without a finished landscape: {what}; pass only "
+                "finished pipeline runs (tag landscapes.kind = 'pipeline' with a landscapes.store)."
+            )
+        return _unique(runs)
+    if experiment_id is None:
+        raise ConfigurationError("compare: give run ids (--runs) or an experiment (--experiment).")
+    clauses = [f"tags.`{tracking.TAG_KIND}` = 'pipeline'", "attributes.status = 'FINISHED'"]
+    if parent_run_id:
+        clauses.append(f"tags.`mlflow.parentRunId` = '{parent_run_id}'")
+    if filter_string:
+        clauses.append(filter_string)
+    runs = client.search_runs([experiment_id], " and ".join(clauses), order_by=["attributes.start_time ASC"])
+    usable = [r for r in runs if r.data.tags.get(TAG_STORE)]
+    if not usable:
+        where = f"parent run {parent_run_id}" if parent_run_id else f"experiment {experiment_id}"
+        extra = f" and filter {filter_string!r}" if filter_string else ""
         raise ConfigurationError(
-            "compare: no finished pipeline run with a landscape store was found; run "
-            "`python -m pipelines.run` first, or check the run ids / filter."
+            f"compare: the selection is empty: no finished pipeline run with a landscape store in {where}{extra}; "
+            "run `python -m pipelines.run` first, or check the run ids / filter."
         )
     return usable
 
 
+def _comparable(run: Run) -> bool:
+    tags = run.data.tags
+    return tags.get(tracking.TAG_KIND) == "pipeline" and bool(tags.get(TAG_STORE)) and run.info.status == "FINISHED"
+
+
+def _describe(run: Run) -> str:
+    kind = run.data.tags.get(tracking.TAG_KIND) or "untagged"
+    if kind == "pipeline":
+        return f"pipeline run, {run.info.status.lower()}" + ("" if run.data.tags.get(TAG_STORE) else ", no store")
+    return f"{kind} run"
+
+
+def _unique(runs: list[Run]) -> list[Run]:
+    seen: dict[str, Run] = {}
+    for r in runs:
+        seen.setdefault(r.info.run_id, r)
+    return list(seen.values())
+
+
+def dedupe_by_store(runs: list[Run]) -> tuple[list[Run], list[Run]]:
+    """``(kept, duplicates)``: the first run of each landscape store, and the others."""
+    kept: dict[str, Run] = {}
+    duplicates = []
+    for run in _unique(runs):
+        store = str(Path(run.data.tags[TAG_STORE]).expanduser().absolute())
+        if store in kept:
+            duplicates.append(run)
+        else:
+            kept[store] = run
+    return list(kept.values()), duplicates
+
+
 def compare(runs: list[Run], *, out_dir: Path, experiment_id: str, parent_run_id: str | None = None,
             log: bool = True) -> CompareOutputs:
-    """Render the comparison of ``runs`` and log it as one run (child of ``parent_run_id``)."""
-    datasets, labels = [], []
-    for run in runs:
-        datasets.append(LandscapeStore.open(run.data.tags["landscapes.store"], mode="r").to_xarray())
-        labels.append(_label(run, labels))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    files: list[Path] = []
-    for metric in ("loss", "accuracy"):
-        if all(metric in ds.data_vars for ds in datasets):
-            files += plots.plot_comparison(datasets, labels, metric, out_dir=out_dir, log=log and metric == "loss")
-    table = _write_table(runs, labels, out_dir / "summary.csv")
-    with mlflow.start_run(experiment_id=experiment_id, run_name=f"compare {len(runs)} landscapes",
-                          nested=parent_run_id is not None, parent_run_id=parent_run_id,
-                          tags={tracking.TAG_KIND: "compare", "landscapes.compared_runs": ",".join(r.info.run_id for r in runs)}) as run:
-        mlflow.log_params({"runs": len(runs), "labels": ", ".join(labels)[:500]})
+    """Render the comparison of ``runs`` and log it as one run (child of ``parent_run_id``).
+
+    Raises:
+        ConfigurationError: (one line, before anything is written) an empty selection, a run
+            without a store, a store that cannot be opened, or nothing 1-D or 2-D to compare.
+    """
+    if not runs:
+        raise ConfigurationError(
+            "compare: the selection is empty; nothing to compare. Pass pipeline run ids, or a filter that matches some."
+        )
+    missing = [r.info.run_id[:8] for r in runs if not r.data.tags.get(TAG_STORE)]
+    if missing:
+        raise ConfigurationError(
+            f"compare: run(s) {', '.join(missing)} have no landscape store (tag {TAG_STORE}); pass finished pipeline runs only."
+        )
+    kept, duplicates = dedupe_by_store(runs)
+    entries = _open(kept)
+    groups = {n: [e for e in entries if e.ndim == n] for n in _KIND_DIRS}
+    groups = {n: g for n, g in groups.items() if g}
+    if not groups:
+        dims = sorted({e.ndim for e in entries})
+        raise ConfigurationError(
+            f"compare: the selected landscapes have {dims} dims; only 1-D lines and 2-D planes can be compared."
+        )
+    skipped = [e for e in entries if e.ndim not in _KIND_DIRS]
+    notes = _notes(groups, skipped, duplicates)
+    created = not out_dir.exists()
+    try:
+        files = _render(groups, out_dir, log=log, split=len(groups) > 1)
+        table = _write_table([e for n in sorted(groups) for e in groups[n]], out_dir / "summary.csv", notes)
+    except BaseException:
+        if created:
+            shutil.rmtree(out_dir, ignore_errors=True)
+        raise
+    compared = [e.run for n in sorted(groups) for e in groups[n]]
+    tags = {tracking.TAG_KIND: "compare", "landscapes.compared_runs": ",".join(r.info.run_id for r in compared)}
+    if duplicates:
+        tags["landscapes.duplicate_runs"] = ",".join(r.info.run_id for r in duplicates)
+    if notes:
+        tags["landscapes.compare_notes"] = " | ".join(notes)[:5000]
+    with mlflow.start_run(experiment_id=experiment_id, run_name=f"compare {len(compared)} landscapes",
+                          nested=parent_run_id is not None, parent_run_id=parent_run_id, tags=tags) as run:
+        labels = [e.label for n in sorted(groups) for e in groups[n]]
+        mlflow.log_params({"runs": len(compared), "labels": ", ".join(labels)[:500], "duplicates": len(duplicates)})
         for f in [*files, table, table.with_suffix(".md")]:
-            mlflow.log_artifact(str(f))
+            rel = f.parent.relative_to(out_dir)
+            mlflow.log_artifact(str(f), artifact_path=None if rel == Path(".") else str(rel))
         run_id = run.info.run_id
-    return CompareOutputs(run_id=run_id, files=tuple(files), table=table)
+    return CompareOutputs(run_id=run_id, files=tuple(files), table=table,
+                          run_ids=tuple(r.info.run_id for r in compared),
+                          duplicates=tuple(r.info.run_id for r in duplicates), notes=tuple(notes))
+
+
+def _open(runs: list[Run]) -> list[_Entry]:
+    entries: list[_Entry] = []
+    labels: list[str] = []
+    for run in runs:
+        path = run.data.tags[TAG_STORE]
+        try:
+            store = LandscapeStore.open(path, mode="r")
+            ds = store.to_xarray()
+        except (OSError, StoreError, ValueError, KeyError) as err:
+            first = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise ConfigurationError(
+                f"compare: the landscape store of run {run.info.run_id[:8]} ({path}) cannot be opened ({first}); "
+                "re-run that pipeline run, or leave it out of the selection."
+            ) from None
+        label = _label(run, labels)
+        labels.append(label)
+        entries.append(_Entry(run, ds, label, len(store.dims), run.data.tags.get(TAG_PLANE)))
+    return entries
+
+
+def _notes(groups: dict[int, list[_Entry]], skipped: list[_Entry], duplicates: list[Run]) -> list[str]:
+    notes = []
+    planes = groups.get(2, [])
+    n_planes = len(plots.plane_groups([e.ds for e in planes], [e.plane for e in planes])) if planes else 0
+    if n_planes > 1:
+        notes.append(
+            f"{len(planes)} 2-D landscapes lie on {n_planes} different planes (other directions or θ0): compared side "
+            "by side only; difference maps need one shared plane."
+        )
+    if len(groups) > 1:
+        notes.append("1-D lines and 2-D planes are compared apart: see lines/ and planes/.")
+    if skipped:
+        notes.append(f"left out {len(skipped)} landscape(s) with other than 1 or 2 dims: {', '.join(e.label for e in skipped)}.")
+    if duplicates:
+        notes.append(f"left out {len(duplicates)} run(s) whose landscape store is already compared: "
+                     f"{', '.join(r.info.run_id[:8] for r in duplicates)}.")
+    return notes
+
+
+def _render(groups: dict[int, list[_Entry]], out_dir: Path, *, log: bool, split: bool) -> list[Path]:
+    files: list[Path] = []
+    for ndim, entries in sorted(groups.items()):
+        folder = out_dir / _KIND_DIRS[ndim] if split else out_dir
+        datasets = [e.ds for e in entries]
+        for metric in METRICS:
+            if all(metric in ds.data_vars for ds in datasets):
+                files += plots.plot_comparison(
+                    datasets, [e.label for e in entries], metric, out_dir=folder,
+                    log=log and metric == "loss", planes=[e.plane for e in entries],
+                )
+        js = folder / plots.PLOTLY_JS
+        if js.exists():
+            files.append(js)  # the HTML pages load it from beside them
+    return files
 
 
 def _label(run: Run, taken: list[str]) -> str:
     base = run.info.run_name or run.info.run_id[:8]
     ckpt = run.data.tags.get("landscapes.checkpoint")
     if ckpt:
-        base = Path(ckpt).stem if "/" in ckpt or "." in ckpt else ckpt
+        base = plots.checkpoint_name(ckpt)
     label, n = base, 2
     while label in taken:
         label, n = f"{base} ({n})", n + 1
     return label
 
 
-def _write_table(runs: list[Run], labels: list[str], path: Path) -> Path:
+def _write_table(entries: list[_Entry], path: Path, notes: list[str]) -> Path:
+    runs = [e.run for e in entries]
     keys = [k for k in SUMMARY_KEYS if any(k in r.data.metrics for r in runs)]
-    rows = [[label, r.info.run_id, *(r.data.metrics.get(k, float("nan")) for k in keys)] for label, r in zip(labels, runs, strict=True)]
+    rows = [[e.label, e.run.info.run_id, e.run.data.tags.get("landscapes.grid", ""), (e.plane or "")[:8],
+             *(e.run.data.metrics.get(k, float("nan")) for k in keys)] for e in entries]
+    path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", newline="") as fh:
         writer = csv.writer(fh)
-        writer.writerow(["landscape", "run_id", *keys])
+        writer.writerow(["landscape", "run_id", "grid", "plane", *keys])
         writer.writerows(rows)
-    md = ["| landscape | run | " + " | ".join(keys) + " |", "|---|---|" + "---|" * len(keys)]
-    md += [f"| {row[0]} | {row[1][:8]} | " + " | ".join(f"{v:.4g}" for v in row[2:]) + " |" for row in rows]
+    md = ["| landscape | run | grid | plane | " + " | ".join(keys) + " |", "|---|---|---|---|" + "---|" * len(keys)]
+    md += [f"| {row[0]} | {row[1][:8]} | {row[2]} | {row[3]} | " + " | ".join(f"{v:.4g}" for v in row[4:]) + " |"
+           for row in rows]
+    md += [""] + [f"Note: {n}" for n in notes] if notes else []
     path.with_suffix(".md").write_text("\n".join(md) + "\n")
     return path

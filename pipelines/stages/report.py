@@ -25,7 +25,10 @@ class ReportOutputs:
 def report(cfg: PipelineConfig, inputs: ReportInputs) -> ReportOutputs:
     """Contour, filled contour and 3-D surface for planes; curves for lines; HTML if enabled.
 
-    Plots the metrics of ``plot.metrics`` and every custom metric of ``metrics.extra``.
+    Plots the metrics of ``plot.metrics`` and every custom metric of ``metrics.extra``. Axis
+    names, titles and reference points come from the store's provenance attrs (``directions``,
+    ``checkpoint``). HTML pages share one ``plotly.min.js`` in ``plots/`` (logged with the
+    folder, not listed in ``plots``), so they stay small and open offline.
     """
     pcfg = cfg.plot
     ds = LandscapeStore.open(inputs.store, mode="r").to_xarray()

@@ -133,7 +133,7 @@ class SweepCallback(Callback):
                     out = Path(str(OmegaConf.select(config, "hydra.sweep.dir"))) / "compare"
                     result = comparison.compare(runs, out_dir=out, experiment_id=self.experiment_id, parent_run_id=self.run_id,
                                              log=bool(OmegaConf.select(config, "plot.log", default=True)))
-                    print(f"compared {len(runs)} landscapes: {out} (MLflow run {result.run_id})")
+                    print(f"compared {len(result.run_ids)} landscapes: {out} (MLflow run {result.run_id})")
         except Exception as err:
             tracking.end_run_quietly(self.run_id, "FAILED", err)
             raise

@@ -40,9 +40,20 @@ def main(argv: list[str] | None = None) -> CompareOutputs:
     out = args.out or root / "outputs" / "compare" / time.strftime("%Y-%m-%d_%H-%M-%S")
     exp_id = exp.experiment_id if exp else runs[0].info.experiment_id
     result = compare(runs, out_dir=out, experiment_id=exp_id, parent_run_id=args.parent, log=not args.no_log)
-    print(f"compared {len(runs)} landscapes: {out} (MLflow run {result.run_id})")
+    print(f"compared {len(result.run_ids)} landscapes: {out} (MLflow run {result.run_id})")
     return result
 
 
 if __name__ == "__main__":
-    main()
+    import os
+    import sys
+
+    from landscapes.errors import LandscapesError
+
+    try:
+        main()
+    except LandscapesError as err:  # one line: the cause and the fix
+        if os.environ.get("LANDSCAPES_DEBUG"):
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from landscapes.errors import StoreError
+from landscapes.plots import round_coordinate
 from landscapes.store import LandscapeStore
 from pipelines.config import PipelineConfig
 from pipelines.stages.evaluate import theta0_index
@@ -63,7 +64,8 @@ def summarize(store: LandscapeStore, *, radius: float, flat_tolerance: float) ->
         out[f"{name}_min"] = float(values[imin])
         out[f"{name}_max"] = float(np.max(np.where(finite, values, -np.inf)))
         for d, i in zip(store.dims, imin, strict=True):
-            out[f"{name}_argmin_{d}"] = float(axes[store.dims.index(d)][i])
+            axis = axes[store.dims.index(d)]
+            out[f"{name}_argmin_{d}"] = round_coordinate(float(axis[i]), axis)  # -0.1, not -0.09999999999999998
     loss = store.read("loss") if "loss" in store.metrics else None
     if loss is not None and centre is not None and np.isfinite(loss[centre]):
         l0 = float(loss[centre])

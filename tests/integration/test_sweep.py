@@ -75,7 +75,9 @@ def test_sweep_ends_with_compare_run(sweep, tmp_path: Path) -> None:
     pngs = [f for f in files if f.endswith(".png")]
     assert any(f.startswith("loss") and "comparison" in f for f in pngs), files
     assert any(f.startswith("accuracy") and "comparison" in f for f in pngs), files
-    assert any("difference" in f for f in pngs), files  # same grid: difference maps
+    # epochs 2 and 4 have their own θ0 and directions: two planes, so no difference map, and a note says why
+    assert not any("difference" in f for f in pngs), files
+    assert "difference maps need one shared plane" in compare.data.tags["landscapes.compare_notes"]
     assert "summary.csv" in files and "summary.md" in files
 
     rows = summary_rows(project, compare, tmp_path)

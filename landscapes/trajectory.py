@@ -20,7 +20,7 @@ the final checkpoint at the origin. Here:
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -48,6 +48,8 @@ METHODS = ("auto", "svd", "gram")
 #: With ``method="auto"``, the SVD of the stacked displacements while it takes at most this
 #: many bytes in float64; the Gram matrix above.
 SVD_MAX_BYTES = 256 << 20
+#: Bytes of float64 displacements handled at once (a large tensor goes in column chunks).
+CHUNK_BYTES = 64 << 20
 #: A singular value below this fraction of the largest counts as zero (Gram eigenvalues are
 #: accurate to about 1e-16 of the largest, so singular values to about 1e-8).
 RANK_TOL = 1e-7
@@ -189,13 +191,15 @@ def pca_directions(
             "norm-layer parameters); use ignore=None."
         )
 
-    def block(s: TensorSpec) -> torch.Tensor:  # (m, numel) float64 displacements of one tensor
-        r = ref[s.name].detach().to(torch.float64).reshape(-1)
-        return torch.stack([st[s.name].detach().to(r.device, torch.float64).reshape(-1) - r for st in states])
+    step = max(1, CHUNK_BYTES // (8 * m))
+
+    def block(s: TensorSpec, lo: int, hi: int) -> torch.Tensor:  # (m, hi - lo) float64 displacements
+        r = ref[s.name].detach().reshape(-1)[lo:hi].to(torch.float64)
+        return torch.stack([st[s.name].detach().reshape(-1)[lo:hi].to(r.device, torch.float64) - r for st in states])
 
     numel = sum(s.numel for s in specs)
     if method == "svd" or (method == "auto" and m * numel * 8 <= SVD_MAX_BYTES):
-        x = torch.cat([block(s).cpu() for s in specs], dim=1)
+        x = torch.cat([block(s, 0, s.numel).cpu() for s in specs], dim=1)
         if center:
             x = x - x.mean(dim=0, keepdim=True)
         u, sv, _ = torch.linalg.svd(x, full_matrices=False)
@@ -203,8 +207,8 @@ def pca_directions(
         eig = sv.pow(2)
     else:
         gram = torch.zeros(m, m, dtype=torch.float64)
-        for s in specs:
-            b = block(s)
+        for s, lo, hi in _chunks(specs, step):
+            b = block(s, lo, hi)
             gram += (b @ b.T).cpu()
         if center:
             h = torch.eye(m, dtype=torch.float64) - 1.0 / m
@@ -228,15 +232,14 @@ def pca_directions(
     u = u * _signs(u)
     # direction j = X_cᵀ uⱼ / sⱼ, with X_cᵀ u = Xᵀ (H u) when centered
     coef = (u - u.mean(dim=0, keepdim=True) if center else u) / sv
-    directions: list[dict[str, torch.Tensor]] = [{} for _ in range(k)]
-    for s in space.specs:
-        target = ref[s.name]
-        if s in specs:
-            v = coef.to(target.device).T @ block(s)  # (k, numel)
-        else:
-            v = torch.zeros(k, s.numel, dtype=torch.float64, device=target.device)
+    directions: list[dict[str, torch.Tensor]] = [
+        {s.name: torch.zeros(s.shape, dtype=ref[s.name].dtype, device=ref[s.name].device) for s in space.specs}
+        for _ in range(k)
+    ]
+    for s, lo, hi in _chunks(specs, step):
+        v = coef.to(ref[s.name].device).T @ block(s, lo, hi)  # (k, hi - lo)
         for j in range(k):
-            directions[j][s.name] = v[j].reshape(s.shape).to(target.dtype)
+            directions[j][s.name].view(-1)[lo:hi] = v[j].to(ref[s.name].dtype)
     if normalization is not None:
         directions = [
             normalize_direction(d, ref, normalization=normalization, ignore=ignore) for d in directions
@@ -309,17 +312,19 @@ def project_trajectory(
     specs = [s for s in space.specs if not (ignore == "biasbn" and s.kind != "weight")]
     k, m = len(directions), len(states)
 
-    def blocks(s: TensorSpec) -> tuple[torch.Tensor, torch.Tensor]:
-        r = ref[s.name].detach().to(torch.float64).reshape(-1)
-        a = torch.stack([d[s.name].detach().to(r.device, torch.float64).reshape(-1) for d in directions])
-        delta = torch.stack([st[s.name].detach().to(r.device, torch.float64).reshape(-1) - r for st in states])
+    step = max(1, CHUNK_BYTES // (8 * (m + k)))
+
+    def blocks(s: TensorSpec, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
+        r = ref[s.name].detach().reshape(-1)[lo:hi].to(torch.float64)
+        a = torch.stack([d[s.name].detach().reshape(-1)[lo:hi].to(r.device, torch.float64) for d in directions])
+        delta = torch.stack([st[s.name].detach().reshape(-1)[lo:hi].to(r.device, torch.float64) - r for st in states])
         return a, delta
 
     ata = torch.zeros(k, k, dtype=torch.float64)
     atd = torch.zeros(k, m, dtype=torch.float64)
     norm2 = torch.zeros(m, dtype=torch.float64)
-    for s in specs:
-        a, delta = blocks(s)
+    for s, lo, hi in _chunks(specs, step):
+        a, delta = blocks(s, lo, hi)
         ata += (a @ a.T).cpu()
         atd += (a @ delta.T).cpu()
         norm2 += delta.pow(2).sum(dim=1).cpu()
@@ -332,8 +337,8 @@ def project_trajectory(
         )
     coords = torch.linalg.solve(ata, atd).T  # (m, k)
     resid2 = torch.zeros(m, dtype=torch.float64)
-    for s in specs:  # the residual itself, not ‖δ‖² − ‖Ac‖², which cancels near the plane
-        a, delta = blocks(s)
+    for s, lo, hi in _chunks(specs, step):  # the residual itself: ‖δ‖² − ‖Ac‖² cancels near the plane
+        a, delta = blocks(s, lo, hi)
         resid2 += (delta - coords.to(a.device) @ a).pow(2).sum(dim=1).cpu()
     norm2_np, resid2_np = norm2.numpy(), resid2.numpy()
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -416,6 +421,13 @@ def _reference(
     raise ConfigurationError(
         f"{where}: reference is a {type(reference).__name__}; use 'last', an index or a state dict."
     )
+
+
+def _chunks(specs: Sequence[TensorSpec], step: int) -> Iterator[tuple[TensorSpec, int, int]]:
+    """(tensor, start, stop) over every tensor's flat entries, at most ``step`` at a time."""
+    for s in specs:
+        for lo in range(0, s.numel, step):
+            yield s, lo, min(lo + step, s.numel)
 
 
 def _signs(u: torch.Tensor) -> torch.Tensor:

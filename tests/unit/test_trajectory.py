@@ -254,3 +254,22 @@ def test_projection_bad_input():
         project_trajectory([model], model, d)
     with pytest.raises(ShapeMismatchError, match="origin"):
         project_trajectory([model], {"0.weight": torch.zeros(16, 6)}, [d])
+
+
+def test_column_chunks_give_the_same_result(monkeypatch):
+    """Large tensors go in column chunks; tiny chunks (a few entries) change nothing."""
+    import landscapes.trajectory as trajectory
+
+    model = make_cnn(batchnorm=True)
+    states = _trajectory(model, m=5, seed=9)
+    whole = pca_directions(states, k=2, model=model, method="gram")
+    proj_whole = project_trajectory(states, whole.origin, whole)
+    monkeypatch.setattr(trajectory, "CHUNK_BYTES", 8 * 7 * 3)
+    chunked = pca_directions(states, k=2, model=model, method="gram")
+    proj_chunked = project_trajectory(states, chunked.origin, chunked)
+    for a, b in zip(whole.directions, chunked.directions, strict=True):
+        for n in a:
+            torch.testing.assert_close(a[n], b[n], rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(whole.singular_values, chunked.singular_values, rtol=1e-12)
+    np.testing.assert_allclose(proj_whole.coords, proj_chunked.coords, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(proj_whole.distance, proj_chunked.distance, rtol=1e-10)

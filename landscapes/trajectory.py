@@ -66,6 +66,7 @@ class PCADirections:
         explained_variance: ``(k,)`` variance along each direction: ``s²/(m − 1)`` centered
             (as sklearn), ``s²/m`` (the mean squared coordinate) uncentered.
         explained_variance_ratio: ``(k,)`` share of the total (``s²/‖X‖²_F``); sums to ≤ 1.
+            Both describe the unit directions, before any ``normalization``.
         singular_values: ``(k,)`` singular values ``s`` of the ``(m, n)`` displacement stack.
         origin: the reference's parameters (θ_ref, the origin of the plane).
         reference_index: which checkpoint is the reference (None: a separate state).

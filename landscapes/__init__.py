@@ -12,6 +12,15 @@ from landscapes.compat import (
     random_line,
     random_plane,
 )
+from landscapes.connectivity import (
+    Barrier,
+    BezierCurve,
+    PathValues,
+    barrier,
+    evaluate_curve,
+    fit_bezier,
+    linear_path,
+)
 from landscapes.directions import (
     cosine,
     direction_between,
@@ -56,6 +65,12 @@ from landscapes.metrics import (
 )
 from landscapes.params import ParameterSpace, TensorSpec
 from landscapes.store import LandscapeStore, TileDamage, VerifyReport, verify_store
+from landscapes.trajectory import (
+    PCADirections,
+    Projection,
+    pca_directions,
+    project_trajectory,
+)
 from landscapes.wrappers import GeneralModelWrapper, ModelWrapper, SimpleModelWrapper, wrap_model
 
 __version__ = "0.1.0"
@@ -73,4 +88,7 @@ __all__ = [
     "DirectionsRecord", "IntegrityError", "LandscapeStore", "LockTimeoutError", "StoreWriteError",
     "TileDamage", "VerifyReport", "file_lock", "load_directions", "save_directions",
     "verify_directions", "verify_store",
+    # comparing checkpoints (issue 14); files: landscapes.export, landscapes.animation
+    "Barrier", "BezierCurve", "PCADirections", "PathValues", "Projection", "barrier",
+    "evaluate_curve", "fit_bezier", "linear_path", "pca_directions", "project_trajectory",
 ]

@@ -666,7 +666,7 @@ def _krylov_schur(
     breakdown_tol = 1e-12
     while True:
         cycles += 1
-        while m < ncv and hvps < max_hvps:
+        while True:  # extend by Lanczos steps; test the wanted Ritz pairs after each one
             V[m] = f
             w = matvec(V[m]).to(dtype)
             hvps += 1
@@ -676,7 +676,7 @@ def _krylov_schur(
             b.zero_()
             beta = float(w.double().norm())
             m += 1
-            scale = float(T[:m, :m].abs().max()) if m else 1.0
+            scale = float(T[:m, :m].abs().max())
             if m < n and beta <= breakdown_tol * max(scale, 1e-300):
                 # an invariant subspace: continue from a new random vector orthogonal to it
                 r = torch.randn(n, generator=gen, dtype=torch.float64).to(device, dtype)
@@ -687,16 +687,18 @@ def _krylov_schur(
                 f = w / beta if beta > 0 else w
             if m >= n:
                 b.zero_()  # the whole space: the decomposition is exact
+            if m < nwant and m < n:
+                continue
+            theta, S = torch.linalg.eigh(0.5 * (T[:m, :m] + T[:m, :m].T))
+            res = (b[:m] @ S).abs()
+            idx = _wanted(theta, nwant, which)
+            scale = float(theta.abs().max())
+            done = bool((res[idx] <= tol * max(scale, 1e-300)).all()) or m >= n
+            if done or hvps >= max_hvps:
+                Y = S[:, idx].T.to(device, dtype) @ V[:m]
+                return theta[idx], Y, res[idx], done, cycles
+            if m >= ncv:
                 break
-        Tm = 0.5 * (T[:m, :m] + T[:m, :m].T)
-        theta, S = torch.linalg.eigh(Tm)
-        res = (b[:m] @ S).abs()
-        scale = float(theta.abs().max()) if m else 0.0
-        idx = _wanted(theta, nwant, which)
-        done = bool((res[idx] <= tol * max(scale, 1e-300)).all()) or m >= n
-        if done or hvps >= max_hvps:
-            Y = S[:, idx].T.to(device, dtype) @ V[:m]
-            return theta[idx], Y, res[idx], done, cycles
         keep = min(m - 1, max(nwant + (m - nwant) // 2, nwant + 1))
         kept = _wanted(theta, keep, which)
         Sk = S[:, kept]

@@ -67,7 +67,7 @@ def dense_hessian(
         buffers = {"inner." + n: b.clone() for n, b in ref.named_buffers()}  # train-mode BN writes them
         return loss_fn(read(torch.func.functional_call(wrapped, {**params, **buffers}, (x,))), y)
 
-    H = torch.autograd.functional.hessian(f, theta0)
+    H = torch.autograd.functional.hessian(f, theta0, vectorize=True)
     return 0.5 * (H + H.T), names
 
 

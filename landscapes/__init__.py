@@ -92,3 +92,32 @@ __all__ = [
     "Barrier", "BezierCurve", "PCADirections", "PathValues", "Projection", "barrier",
     "evaluate_curve", "fit_bezier", "linear_path", "pca_directions", "project_trajectory",
 ]
+
+# curvature and sharpness (issue 13); appended after __all__ so other additions do not collide
+from landscapes.curvature import (  # noqa: E402
+    CurvatureSummary,
+    DirectionalCurvature,
+    HessianEigen,
+    LossGradient,
+    SpectralDensity,
+    TraceEstimate,
+    curvature_summary,
+    hessian_eigenvalues,
+    hessian_spectrum,
+    hessian_trace,
+    hessian_vector_product,
+)
+from landscapes.errors import ConvergenceWarning, DifferentiationError  # noqa: E402
+from landscapes.sharpness import (  # noqa: E402
+    SharpnessEstimate,
+    average_sharpness,
+    grid_sharpness,
+    worst_case_sharpness,
+)
+
+__all__ += [
+    "ConvergenceWarning", "CurvatureSummary", "DifferentiationError", "DirectionalCurvature",
+    "HessianEigen", "LossGradient", "SharpnessEstimate", "SpectralDensity", "TraceEstimate",
+    "average_sharpness", "curvature_summary", "grid_sharpness", "hessian_eigenvalues",
+    "hessian_spectrum", "hessian_trace", "hessian_vector_product", "worst_case_sharpness",
+]

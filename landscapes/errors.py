@@ -66,3 +66,12 @@ class LandscapesWarning(UserWarning):
 
 class FallbackWarning(LandscapesWarning):
     """The engine fell back to a slower strategy; the message says why."""
+
+
+class DifferentiationError(LandscapesError, RuntimeError):
+    """The model or the loss cannot be differentiated as curvature needs (twice, for
+    Hessian-vector products); the message names the module or the loss."""
+
+
+class ConvergenceWarning(LandscapesWarning):
+    """An iterative estimate stopped at its iteration limit before meeting its tolerance."""

@@ -38,7 +38,7 @@ import numpy as np
 
 from landscapes._json import jsonable
 from landscapes.errors import ConfigurationError, IntegrityError, StoreError
-from landscapes.integrity import atomic_directory, file_lock, remove_leftovers
+from landscapes.integrity import atomic_directory, file_lock, remove_leftovers, write_error
 
 __all__ = [
     "DIRECTIONS_CHUNK",
@@ -223,8 +223,12 @@ def save_directions(
                         "run with other settings writes to the same path. Give this run its own "
                         f"directory, or delete {p} (or pass on_conflict='replace')."
                     )
-        with atomic_directory(p, replace=True) as tmp:
-            _write(tmp, arr, chunk, {**user, MANIFEST_KEY: manifest})
+        try:
+            with atomic_directory(p, replace=True) as tmp:
+                _write(tmp, arr, chunk, {**user, MANIFEST_KEY: manifest})
+        except OSError as err:  # a full disk, a read-only folder: named, and nothing half-written is left
+            raise write_error(err, p, "save_directions: cannot write the directions",
+                              kept="nothing was left half-written") from err
     return _record(p, manifest, user, written=True)
 
 

@@ -86,7 +86,7 @@ def build_dataset(data_cfg: DataConfig) -> Dataset:
             "data.dataset._target_ is missing: name a function or class returning a torch Dataset."
         )
     dataset = instantiate_or_explain(dataset_cfg, "data.dataset")
-    if not isinstance(dataset, Dataset):
+    if not isinstance(dataset, Dataset | list):  # a list of samples is a map-style dataset too
         raise ConfigurationError(
             f"data.dataset._target_={dataset_cfg['_target_']!r} returned a {type(dataset).__name__}, not a torch "
             "Dataset; return a torch.utils.data.Dataset of samples (e.g. TensorDataset(x, y), or a dataset of "

@@ -34,6 +34,8 @@ def check_data_fits(model: nn.Module, data: tuple[Any, Any], forward: L.Forward,
     except StopIteration:
         raise ConfigurationError("data: the data yields no batch; check data.dataset and data.limit.") from None
     x = _head(x, _PROBE_SAMPLES)
+    if isinstance(x, Mapping) and target_key in x and not forward.takes(model, target_key):
+        x = {k: v for k, v in x.items() if k != target_key}  # as the engine does: targets reach a model that names them
     try:
         with torch.no_grad():
             output(forward(model, x))

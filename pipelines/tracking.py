@@ -861,6 +861,8 @@ def _failure(exc: BaseException) -> tuple[str, str] | None:
     import sqlalchemy.exc
     import urllib3.exceptions
 
+    if isinstance(exc, LandscapesError):  # our own code's error (a full disk under a store): not MLflow's
+        return None
     chain: list[BaseException] = []
     seen: set[int] = set()
     link: BaseException | None = exc

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from landscapes.errors import StoreError
+from landscapes.errors import LandscapesWarning, StoreError
 from landscapes.plots import round_coordinate
+from landscapes.sharpness import grid_sharpness
 from landscapes.store import LandscapeStore
 from pipelines.config import PipelineConfig
 from pipelines.stages.evaluate import theta0_index
@@ -30,7 +32,8 @@ class AggregateOutputs:
 
 
 def aggregate(cfg: PipelineConfig, inputs: AggregateInputs) -> AggregateOutputs:
-    """Summary metrics: values at θ0, the minimum and where, sharpness, flat area, NaN counts."""
+    """Summary metrics: values at θ0, the minimum and where, grid sharpness (absolute and relative,
+    θ0 excluded; absent when no other point lies within ``summary.radius``), flat area, NaN counts."""
     store = LandscapeStore.open(inputs.store, mode="r+")
     if not store.is_complete():
         missing = len(store.missing_tiles())
@@ -47,9 +50,7 @@ def aggregate(cfg: PipelineConfig, inputs: AggregateInputs) -> AggregateOutputs:
 def summarize(store: LandscapeStore, *, radius: float, flat_tolerance: float) -> dict[str, Any]:
     axes = [np.asarray(a) for a in store.axes]
     centre = theta0_index(axes)
-    mesh = np.meshgrid(*axes, indexing="ij")
-    dist = np.sqrt(sum(m**2 for m in mesh))
-    out: dict[str, Any] = {"points": int(dist.size)}
+    out: dict[str, Any] = {"points": int(np.prod([a.size for a in axes]))}
     for name in store.metrics:
         values = store.read(name)
         finite = np.isfinite(values)
@@ -69,11 +70,22 @@ def summarize(store: LandscapeStore, *, radius: float, flat_tolerance: float) ->
     loss = store.read("loss") if "loss" in store.metrics else None
     if loss is not None and centre is not None and np.isfinite(loss[centre]):
         l0 = float(loss[centre])
-        near = (dist <= radius) & np.isfinite(loss)
-        if near.any():
-            out[f"sharpness_r{radius:g}"] = float(np.mean(loss[near]) - l0)
+        for key, relative in ((f"sharpness_r{radius:g}", False), (f"sharpness_rel_r{radius:g}", True)):
+            value = _grid_sharpness(loss, axes, radius=radius, relative=relative)
+            if value is not None:
+                out[key] = value
         out[f"flat_area_tol{flat_tolerance:g}"] = float(np.mean(np.isfinite(loss) & (loss <= (1 + flat_tolerance) * l0)))
     return out
+
+
+def _grid_sharpness(loss: np.ndarray, axes: list[np.ndarray], *, radius: float, relative: bool) -> float | None:
+    """`landscapes.grid_sharpness` (θ0 excluded), or None when it is not finite: no grid point
+    other than θ0 within the radius, or a zero loss at θ0 for the relative form (the library's
+    warning says so; here the figure is simply absent, never 0.0)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", LandscapesWarning)
+        value = grid_sharpness(loss, axes, radius=radius, relative=relative)
+    return float(value) if math.isfinite(value) else None
 
 
 def _finite(v: Any) -> bool:

@@ -36,6 +36,7 @@ class Ignore(StrEnum):
 class DirectionKind(StrEnum):
     random = "random"  # seeded Gaussian, normalized
     checkpoints = "checkpoints"  # towards other checkpoints: θᵢ − θ0
+    hessian = "hessian"  # the top Hessian eigenvectors at θ0 (unit vectors, stored as they are)
 
 
 class Device(StrEnum):
@@ -63,8 +64,20 @@ class Backend(StrEnum):
     dask = "dask"
 
 
+class HvpMethod(StrEnum):
+    auto = "auto"  # both tried on the first batch, the faster one kept
+    func = "func"  # torch.func: jvp of grad of a functional_call
+    double_backward = "double_backward"
+
+
+class SharpnessNorm(StrEnum):
+    l2 = "l2"
+    linf = "linf"
+
+
 class StageName(StrEnum):
     checkpoint = "checkpoint"
+    curvature = "curvature"
     directions = "directions"
     evaluate = "evaluate"
     aggregate = "aggregate"
@@ -190,6 +203,30 @@ class SummaryConfig:
 
 
 @dataclass
+class CurvatureConfig:
+    """The curvature stage (``curvature.enabled``) and the Hessian eigenvectors of
+    ``directions.kind=hessian``: options of ``landscapes.curvature_summary`` and of the
+    average / worst-case sharpness at θ0 (``landscapes.average_sharpness``, ``worst_case_sharpness``)."""
+
+    enabled: bool = False  # run the curvature stage (after checkpoint)
+    tol: float = 1e-4  # Lanczos residual tolerance of the extreme eigenvalues (relative)
+    max_iter: int = 1000  # Hessian-vector products the extreme eigenvalues may spend
+    trace_probes: int = 60  # Hutch++ products for the trace
+    spectrum_probes: int = 5  # SLQ probes of the spectral density
+    steps: int = 40  # Lanczos steps per SLQ probe
+    negative_threshold: float = 1e-3  # eigenvalues below -threshold·λmax count as negative mass
+    seed: int = 0
+    hvp: HvpMethod = HvpMethod.auto
+    rho: float = 0.05  # sharpness radius (parameter-space norm)
+    average: bool = True  # average_sharpness(rho)
+    worst_case: bool = True  # worst_case_sharpness(rho)
+    samples: int = 32  # perturbations of the average sharpness
+    ascent_steps: int = 20  # gradient-ascent steps of the worst-case sharpness
+    norm: SharpnessNorm = SharpnessNorm.l2  # the worst-case ball
+    adaptive: bool = False  # ASAM's ball ‖ε / |θ0|‖ ≤ rho
+
+
+@dataclass
 class TrainOptions:
     """Options of the demo training (``python -m pipelines.train train.epochs=50``)."""
 
@@ -214,6 +251,7 @@ class PipelineConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     plot: PlotConfig = field(default_factory=PlotConfig)
     summary: SummaryConfig = field(default_factory=SummaryConfig)
+    curvature: CurvatureConfig = field(default_factory=CurvatureConfig)
     compare: bool = True  # run the compare stage at the end of a sweep
     resume: str | None = None  # a landscape.zarr to continue (re-running the same command also resumes)
     stop_after: StageName = StageName.report  # run the stages up to this one (upstream ones are reused)

@@ -1,6 +1,7 @@
 """The pipeline as a table of stages, and `run_pipeline`, which runs it under one parent run.
 
-checkpoint ──► directions ──► evaluate ──► aggregate ──► report. Each row of `STAGES` names a
+checkpoint ──► [curvature] ──► directions ──► evaluate ──► aggregate ──► report (curvature when
+``curvature.enabled``; ``stop_after=curvature`` computes it without a grid). Each row of `STAGES` names a
 stage, the config sections its key covers, the stages it reads, and how its inputs are made;
 `pipelines.driver` computes each key once and reuses or runs the stage as a child run. A new
 stage is one row here and one function in ``pipelines/stages/``.
@@ -8,6 +9,8 @@ stage is one row here and one function in ``pipelines/stages/``.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -29,10 +32,12 @@ from pipelines.records import (
     training_step,
 )
 from pipelines.stages import checkpoint as ck_stage
+from pipelines.stages import curvature as cv_stage
 from pipelines.stages import directions as dr_stage
 from pipelines.stages import evaluate as ev_stage
 from pipelines.stages.aggregate import AggregateInputs, aggregate
-from pipelines.stages.directions import DirectionsInputs
+from pipelines.stages.curvature import CurvatureInputs
+from pipelines.stages.directions import DirectionsInputs, HessianDirectionsInputs
 from pipelines.stages.evaluate import EvaluateInputs
 from pipelines.stages.report import ReportInputs, report
 
@@ -64,11 +69,34 @@ def _checkpoint_identity(flow: Flow, out: Any) -> str:
     return tracking.stage_key("checkpoint", {"sha256": out.sha256, "model": flow.cfg.model}, (), VERSION)
 
 
+def _directions_inputs(flow: Flow) -> DirectionsInputs:
+    """Hessian eigenvectors depend on the loss at θ0 too: their inputs name what it reads, so the key covers it."""
+    ck = flow.outputs["checkpoint"].path
+    if flow.cfg.directions.kind != "hessian":
+        return DirectionsInputs(ck, flow.towards)
+    c = flow.cfg
+    loss = {"adapters": c.adapters, "data": c.data, "metrics": c.metrics, "model_mode": c.compute.model_mode,
+            "bn_batches": c.compute.bn_batches,
+            "eigen": {k: getattr(c.curvature, k) for k in ("tol", "max_iter", "seed", "hvp")}}
+    return HessianDirectionsInputs(ck, flow.towards, loss=json.dumps(_plain(loss), sort_keys=True, default=str))
+
+
+def _plain(value: Any) -> Any:
+    return dataclasses.asdict(value) if dataclasses.is_dataclass(value) else (
+        {k: _plain(v) for k, v in value.items()} if isinstance(value, dict) else value)
+
+
 STAGES: tuple[Stage, ...] = (
     Stage("checkpoint", ck_stage.checkpoint, ("model", "checkpoint"), (), inputs=lambda f: f.source,
           identity=_checkpoint_identity, intact=lambda f, out: ck_stage.intact(out)),
+    Stage("curvature", cv_stage.curvature, ("model", "adapters", "data", "metrics", "curvature"), ("checkpoint",),
+          enabled=lambda cfg: cfg.curvature.enabled,
+          inputs=lambda f: CurvatureInputs(f.outputs["checkpoint"].path, str(f.cfg.compute.model_mode),
+                                           f.cfg.compute.bn_batches),
+          place=lambda f, key: {"out_dir": f.stores / f"curvature-{key[:16]}"},
+          intact=lambda f, out: _in_root(f, out.spectrum_json) or cv_stage.intact(out)),
     Stage("directions", dr_stage.directions, ("model", "directions", "grid"), ("checkpoint",),
-          inputs=lambda f: DirectionsInputs(f.outputs["checkpoint"].path, f.towards),
+          inputs=_directions_inputs,
           place=lambda f, key: {"out_dir": f.stores / f"directions-{key[:16]}"},
           intact=lambda f, out: _in_root(f, out.path) or dr_stage.intact(out)),
     Stage("evaluate", ev_stage.evaluate, ("model", "adapters", "data", "metrics", "grid", "compute", "resume"),
@@ -98,11 +126,17 @@ def run_pipeline(cfg: DictConfig, *, sweep_run_id: str | None = None, stages: tu
         mlflow.log_dict(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True), "config.yaml")
         tracking.log_params(headline_params(c) | ({"epoch": step} if step is not None else {}))
         run_stages(stages, flow, parent_run_id=run.info.run_id, experiment_id=exp_id)
+        figures: dict[str, float] = {}
         if "aggregate" in flow.outputs:
             _finish(flow, time.perf_counter() - started)
-            if sweep_run_id and step is not None:  # the sweep charts the headline figures against the epoch
-                figures = flow.outputs["aggregate"].metrics
-                tracking.log_metrics({k: figures[k] for k in HEADLINE_METRICS if k in figures}, step=step, run_id=sweep_run_id)
+            figures |= flow.outputs["aggregate"].metrics
+        if "curvature" in flow.outputs:  # the curvature figures on the pipeline run too
+            figures |= flow.outputs["curvature"].metrics
+            mlflow.log_metrics(flow.outputs["curvature"].metrics)
+            if "aggregate" not in flow.outputs:
+                mlflow.log_metric("pipeline_seconds", time.perf_counter() - started)
+        if figures and sweep_run_id and step is not None:  # the sweep charts the headline figures against the epoch
+            tracking.log_metrics({k: figures[k] for k in HEADLINE_METRICS if k in figures}, step=step, run_id=sweep_run_id)
     return _result(run.info.run_id, flow)
 
 

@@ -39,7 +39,9 @@ def provenance(cfg: PipelineConfig, ck: CheckpointOutputs) -> dict[str, Any]:
     }
 
 
-HEADLINE_METRICS = ("loss_at_theta0", "accuracy_at_theta0", "loss_min", "flat_area_tol0.1", "sharpness_r0.1")
+HEADLINE_METRICS = ("loss_at_theta0", "accuracy_at_theta0", "loss_min", "flat_area_tol0.1", "sharpness_r0.1",
+                    "sharpness_rel_r0.1", "lambda_max", "lambda_min", "hessian_trace", "eigen_ratio", "negative_mass",
+                    "average_sharpness", "worst_case_sharpness")
 """What a sweep over a training run's checkpoints charts against the epoch."""
 
 _STEP = re.compile(r"(?:epoch|ep|step|iter)[_\-=]?(\d+)", re.IGNORECASE)
@@ -54,6 +56,8 @@ def training_step(source: str) -> int | None:
 def run_title(cfg: PipelineConfig, source: str) -> str:
     """A short, telling run name: checkpoint · grid · directions (``epoch_010 · plane 21² filter s0``)."""
     stem = Path(source).stem if ("/" in source or "." in source) else source
+    if cfg.stop_after == "curvature":
+        return f"{stem} · curvature"
     steps = cfg.grid.steps if isinstance(cfg.grid.steps, (list, tuple)) else [cfg.grid.steps] * cfg.grid.dims
     if cfg.grid.dims == 1:
         grid = f"line {steps[0]}"
@@ -62,6 +66,8 @@ def run_title(cfg: PipelineConfig, source: str) -> str:
     d = cfg.directions
     if d.kind == "random":
         how = f"{d.normalization} s{d.seed}"
+    elif d.kind == "hessian":
+        how = "hessian eigenvectors"
     else:
         how = "towards " + ", ".join(Path(t).stem for t in d.towards)
     return f"{stem} · {grid} {how}"

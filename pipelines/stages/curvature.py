@@ -1,0 +1,131 @@
+"""The curvature stage: Hessian extreme eigenvalues, trace, spectral density and sharpness at θ0.
+
+Loads the model at the checkpoint and the data as the evaluate stage does, and measures the
+dataset loss ``metrics.loss`` (the same `landscapes.Loss` the landscape's ``loss`` array is)
+with `landscapes.curvature_summary` (λmax, λmin, Hutch++ trace with its standard error,
+|λmin/λmax|, negative mass of the SLQ spectrum) and, as configured, the average and
+worst-case sharpness within ``curvature.rho``. The spectral density goes to a PNG, its SLQ
+nodes and weights to JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+import landscapes as L
+from landscapes.errors import ConfigurationError
+from pipelines.builders import as_device, build_adapters, build_data, build_loss, load_model
+from pipelines.config import PipelineConfig
+
+__all__ = ["CurvatureInputs", "CurvatureOutputs", "curvature", "loss_metric", "intact"]
+
+#: the stage's metric names for the fields of `CurvatureSummary.metrics()`
+NAMES = {"lambda_max": "lambda_max", "lambda_min": "lambda_min", "trace": "hessian_trace",
+         "trace_stderr": "hessian_trace_stderr", "eigen_ratio": "eigen_ratio", "negative_mass": "negative_mass",
+         "hvps": "hessian_vector_products"}
+
+
+@dataclass(frozen=True)
+class CurvatureInputs:
+    checkpoint: Path
+    model_mode: str  # compute.model_mode: the key covers it (not the rest of compute)
+    bn_batches: int
+    out_dir: Path = Path(".")
+
+
+@dataclass(frozen=True)
+class CurvatureOutputs:
+    spectrum_json: Path  # SLQ nodes and weights, the eigenvalues, how they were computed
+    spectrum_png: Path  # the spectral density
+    metrics: dict[str, float] = field(default_factory=dict)
+    artifacts: tuple[Path, ...] = ()
+
+
+def loss_metric(cfg: PipelineConfig) -> tuple[L.Loss, Any, Any]:
+    """The dataset loss the landscape's ``loss`` array measures, and the forward/output adapters."""
+    if cfg.metrics.model_loss:
+        raise ConfigurationError(
+            "curvature: metrics.model_loss=true is not supported by the Hessian computations; set "
+            "metrics.model_loss=false and metrics.loss to the loss to differentiate."
+        )
+    inputs, target = build_data(cfg.data)
+    loss = L.Loss(build_loss(cfg.metrics), inputs, target, name="loss", shift=cfg.metrics.shift,
+                  target_key=cfg.metrics.target_key)
+    forward, output = build_adapters(cfg.adapters)
+    return loss, forward, output
+
+
+def curvature(cfg: PipelineConfig, inputs: CurvatureInputs) -> CurvatureOutputs:
+    """The curvature figures at θ0 (metrics) and the spectral density (artifacts)."""
+    c = cfg.curvature
+    model = load_model(cfg.model, inputs.checkpoint, trust_pickle=cfg.checkpoint.trust_pickle, strict=cfg.checkpoint.strict)
+    model = model.to(as_device(cfg.compute.device))
+    loss, forward, output = loss_metric(cfg)
+    common: dict[str, Any] = {"forward": forward, "output": output, "model_mode": inputs.model_mode,
+                              "target_key": cfg.metrics.target_key}
+    summary = L.curvature_summary(
+        model, None, loss, trace_probes=c.trace_probes, spectrum_probes=c.spectrum_probes, steps=c.steps,
+        tol=c.tol, max_iter=c.max_iter, negative_threshold=c.negative_threshold, seed=c.seed,
+        hvp=str(c.hvp), bn_batches=inputs.bn_batches, **common,
+    )
+    metrics = {NAMES[k]: v for k, v in summary.metrics().items()}
+    if c.average:
+        avg = L.average_sharpness(model, None, loss, rho=c.rho, samples=c.samples, adaptive=c.adaptive,
+                                  seed=c.seed, **common)
+        metrics |= {"average_sharpness": avg.value, "average_sharpness_stderr": avg.stderr,
+                    "average_sharpness_rel": avg.relative}
+    if c.worst_case:
+        worst = L.worst_case_sharpness(model, None, loss, rho=c.rho, norm=str(c.norm), steps=c.ascent_steps,
+                                       adaptive=c.adaptive, seed=c.seed, **common)
+        metrics |= {"worst_case_sharpness": worst.value, "worst_case_sharpness_rel": worst.relative}
+    metrics = {k: float(v) for k, v in metrics.items() if math.isfinite(v)}
+    inputs.out_dir.mkdir(parents=True, exist_ok=True)
+    spectrum = summary.spectrum
+    js, png = inputs.out_dir / "spectrum.json", inputs.out_dir / "spectrum.png"
+    js.write_text(json.dumps({
+        "nodes": spectrum.nodes.tolist(), "weights": spectrum.weights.tolist(),
+        "num_parameters": spectrum.num_parameters, "eigenvalues": summary.eigen.eigenvalues.tolist(),
+        "residuals": summary.eigen.residuals.tolist(), "converged": summary.eigen.converged,
+        "trace_interval": list(summary.trace_interval), "info": summary.eigen.info,
+        "metrics": metrics,
+    }, indent=1, default=str))
+    _plot_density(spectrum, summary, png)
+    return CurvatureOutputs(spectrum_json=js, spectrum_png=png, metrics=metrics, artifacts=(png, js))
+
+
+def _plot_density(spectrum: L.SpectralDensity, summary: L.CurvatureSummary, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    lo, hi = min(spectrum.lambda_min, summary.lambda_min), max(spectrum.lambda_max, summary.lambda_max)
+    pad = 0.05 * (hi - lo) if hi > lo else 1.0
+    grid = np.linspace(lo - pad, hi + pad, 400)
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    try:
+        ax.semilogy(grid, np.maximum(spectrum.density(grid), 1e-12))
+        ax.axvline(summary.lambda_max, color="C3", ls="--", lw=1, label=f"λmax = {summary.lambda_max:.4g}")
+        ax.axvline(summary.lambda_min, color="C2", ls=":", lw=1, label=f"λmin = {summary.lambda_min:.4g}")
+        ax.set_xlabel("eigenvalue")
+        ax.set_ylabel("density (SLQ)")
+        ax.set_title(f"Hessian spectrum, trace ≈ {summary.trace:.4g} ± {summary.trace_stderr:.2g}")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+    finally:
+        plt.close(fig)
+
+
+def intact(outputs: CurvatureOutputs) -> str | None:
+    """Why a finished run's spectrum files cannot be reused, or None."""
+    for p in (outputs.spectrum_json, outputs.spectrum_png):
+        if not Path(p).is_file():
+            return f"{p} is missing"
+    return None

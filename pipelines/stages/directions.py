@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -19,6 +20,7 @@ from landscapes.errors import ConfigurationError
 from landscapes.params import ParameterSpace
 from pipelines.builders import load_model
 from pipelines.config import PipelineConfig
+from pipelines.stages.curvature import loss_metric
 
 __all__ = ["DirectionsInputs", "DirectionsOutputs", "directions", "intact", "load_directions", "save_directions"]
 
@@ -28,6 +30,14 @@ class DirectionsInputs:
     checkpoint: Path
     towards: tuple[Path, ...] = ()
     out_dir: Path = Path(".")
+
+
+@dataclass(frozen=True)
+class HessianDirectionsInputs(DirectionsInputs):
+    """The inputs of ``directions.kind=hessian``: ``loss`` names what the loss at θ0 reads (data,
+    metrics, adapters, model mode, eigen-solver options), so the stage's key covers it."""
+
+    loss: str = ""
 
 
 @dataclass(frozen=True)
@@ -51,7 +61,11 @@ def directions(cfg: PipelineConfig, inputs: DirectionsInputs) -> DirectionsOutpu
     norm = None if dcfg.normalization == "none" else str(dcfg.normalization)
     ignore = None if dcfg.ignore == "none" else str(dcfg.ignore)
     seeds: tuple[int, ...] = ()
-    if dcfg.kind == "random":
+    extra: dict[str, Any] = {}
+    if dcfg.kind == "hessian":
+        dirs, extra = _hessian(cfg, model, dims)
+        norm, ignore = None, None  # unit eigenvectors, stored as they are
+    elif dcfg.kind == "random":
         seeds = tuple(int(dcfg.seed) + i for i in range(dims))
         dirs = [L.random_direction(model, normalization=norm, ignore=ignore, seed=s) for s in seeds]
     else:
@@ -79,12 +93,27 @@ def directions(cfg: PipelineConfig, inputs: DirectionsInputs) -> DirectionsOutpu
         "kind": str(dcfg.kind), "seeds": list(seeds), "normalization": str(norm), "ignore": str(ignore),
         "towards": [str(p) for p in inputs.towards], "norms": list(norms), "cosine": cos,
         "cosine_after_orthogonalization": cos_after,
-        "parameters": [[s.name, list(s.shape), s.kind] for s in space.specs],
+        "parameters": [[s.name, list(s.shape), s.kind] for s in space.specs], **extra,
     })
     metrics = {f"direction_{i}_norm": n for i, n in enumerate(norms)}
+    metrics |= {f"direction_{i}_eigenvalue": v for i, v in enumerate(extra.get("eigenvalues", ()))}
     if cos is not None:
         metrics["direction_cosine"] = cos
     return DirectionsOutputs(path, str(dcfg.kind), seeds, str(norm), norms, cos, cos_after, record.sha256, metrics)
+
+
+def _hessian(cfg: PipelineConfig, model: torch.nn.Module, dims: int) -> tuple[list[dict[str, torch.Tensor]], dict[str, Any]]:
+    """The top ``dims`` Hessian eigenvectors of the dataset loss at θ0 (descending eigenvalues)."""
+    c = cfg.curvature
+    loss, forward, output = loss_metric(cfg)
+    eig = L.hessian_eigenvalues(
+        model, None, loss, k=dims, which="largest", tol=c.tol, max_iter=c.max_iter, seed=c.seed, forward=forward,
+        output=output, model_mode=str(cfg.compute.model_mode), target_key=cfg.metrics.target_key, hvp=str(c.hvp),
+        bn_batches=cfg.compute.bn_batches,
+    )
+    vectors = [{k: v.detach().cpu() for k, v in d.items()} for d in eig.eigenvectors]
+    return vectors, {"eigenvalues": [float(v) for v in eig.eigenvalues], "residuals": [float(r) for r in eig.residuals],
+                     "converged": bool(eig.converged), "hessian_vector_products": int(eig.hvps)}
 
 
 def intact(outputs: DirectionsOutputs) -> str | None:

@@ -8,6 +8,7 @@ stage is one row here and one function in ``pipelines/stages/``.
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -80,12 +81,24 @@ STAGES: tuple[Stage, ...] = (
 )
 
 
+def launched_experiment() -> str | None:
+    """Inside ``mlflow run`` (``MLFLOW_RUN_ID`` set), the experiment MLflow opened the run in.
+
+    MLflow Projects create the pipeline's run before our code starts, in the experiment named by
+    ``--experiment-name``/``--experiment-id`` (``Default`` without them); the stage runs follow
+    it, so that all runs of one ``mlflow run`` share one experiment whatever ``tracking.experiment`` says.
+    """
+    if not os.environ.get("MLFLOW_RUN_ID"):
+        return None
+    return os.environ.get("MLFLOW_EXPERIMENT_ID") or None
+
+
 def run_pipeline(cfg: DictConfig, *, sweep_run_id: str | None = None, stages: tuple[Stage, ...] = STAGES) -> dict[str, Any]:
     """Run the stages up to ``stop_after`` under one parent run; return its id, the summary and the plots."""
     c = to_typed(cfg)
     check_config(c)  # before any run is opened or anything computed
     uri = tracking.configure(c.tracking.uri, request_timeout=c.tracking.request_timeout)
-    exp_id = tracking.get_or_create_experiment(
+    exp_id = launched_experiment() or tracking.get_or_create_experiment(
         c.tracking.experiment, artifact_root=tracking.default_artifact_root(uri, Path(c.paths.artifacts_dir)))
     flow = Flow(c, checkpoint_inputs(c, uri), towards_paths(c, uri), stores_dir(c.paths.root_dir))
     tags = {"landscapes.checkpoint": flow.source.source}

@@ -28,10 +28,11 @@ demo: install
 	$(PY) -m pipelines.train
 	$(PY) -m pipelines.run -m checkpoint.path=$(DEMO_CKPTS)/epoch_000.pt,$(DEMO_CKPTS)/epoch_010.pt,$(DEMO_CKPTS)/epoch_030.pt
 	@echo
-	@echo "Done. Landscapes: outputs/stores/, plots: outputs/sweeps/<time>/<job>/plots/, comparison: outputs/sweeps/<time>/compare/"
-	@echo "Open the MLflow UI on the demo's store:"
+	@$(PY) -m pipelines.summary --last-sweep
+	@echo
+	@echo "Plots: outputs/sweeps/<time>/<job>/plots/, comparison: outputs/sweeps/<time>/compare/"
+	@echo "The addresses above open once the MLflow UI runs on the demo's store:"
 	@echo "  $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --port 5000"
-	@echo "then browse http://127.0.0.1:5000 (experiment 'landscapes')."
 
 example: install
 	$(PY) examples/quickstart.py

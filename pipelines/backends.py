@@ -778,17 +778,75 @@ def _describe(err: BaseException) -> str:
     return f"{type(err).__name__}: {text[0][:300]}"
 
 
-def _bar(store: LandscapeStore, tiles: Sequence[Tile], enabled: bool):
-    """One bar for the whole grid: points (already done ones counted), points/s, ETA."""
-    from tqdm.auto import tqdm
+#: Without a terminal, the progress goes to stderr as a line every this fraction of the grid ...
+LOG_EVERY_FRACTION = 0.1
+#: ... or every this many seconds, whichever comes first.
+LOG_EVERY_SECONDS = 30.0
 
+
+def _bar(store: LandscapeStore, tiles: Sequence[Tile], enabled: bool, *, stream: Any = None):
+    """One bar for the whole grid: points (already done ones counted), points/s, ETA.
+
+    On a terminal a tqdm bar; otherwise (a pipe, a log file, a CI job) a `_ProgressLog` that
+    writes a plain line every 10 % of the grid or every 30 s, and one at the end.
+    """
+    stream = sys.stderr if stream is None else stream
     total = store.grid.size
     todo = sum(t.size for t in tiles)
-    # quiet when not on a terminal (disable=None), or when switched off
+    if not enabled:
+        return _ProgressLog(total, total - todo, None)
+    isatty = getattr(stream, "isatty", None)
+    if not (callable(isatty) and isatty()):
+        return _ProgressLog(total, total - todo, stream)
+    from tqdm.auto import tqdm
+
     return tqdm(
-        total=total, initial=total - todo, unit="pt", desc="evaluate", smoothing=0.1, file=sys.stderr,
-        disable=None if enabled else True, dynamic_ncols=True,
+        total=total, initial=total - todo, unit="pt", desc="evaluate", smoothing=0.1, file=stream,
+        dynamic_ncols=True,
     )
+
+
+class _ProgressLog:
+    """Progress as log lines: ``evaluate: 120/441 points (27 %), 3.1 s elapsed, ~8 s left``.
+
+    A line when the grid passes the next 10 % mark (`LOG_EVERY_FRACTION`) or `LOG_EVERY_SECONDS`
+    after the last line, and one at `close` unless the last line said it all. The rate, and so
+    the time left, counts only the points of this run (a resumed run starts past 0 %).
+    ``stream=None`` writes nothing.
+    """
+
+    def __init__(self, total: int, initial: int, stream: Any, *, clock: Callable[[], float] = time.monotonic):
+        self.total, self.initial, self.n = total, initial, initial
+        self.stream, self.clock = stream, clock
+        self.started = self.last_time = clock()
+        self.last_n = initial
+        self.next_mark = self._mark_after(initial)
+
+    def _mark_after(self, n: int) -> int:
+        step = max(1, round(self.total * LOG_EVERY_FRACTION))
+        return (n // step + 1) * step
+
+    def update(self, n: int) -> None:
+        self.n += n
+        now = self.clock()
+        if self.n >= self.next_mark or now - self.last_time >= LOG_EVERY_SECONDS:
+            self._line(now)
+
+    def close(self) -> None:
+        if self.n != self.last_n:
+            self._line(self.clock())
+
+    def _line(self, now: float) -> None:
+        self.last_time, self.last_n, self.next_mark = now, self.n, self._mark_after(self.n)
+        if self.stream is None:
+            return
+        elapsed = now - self.started
+        done_here = self.n - self.initial
+        pct = 100 * self.n // self.total if self.total else 100
+        text = f"evaluate: {self.n}/{self.total} points ({pct} %), {elapsed:.1f} s elapsed"
+        if self.n < self.total and done_here > 0 and elapsed > 0:
+            text += f", ~{(self.total - self.n) * elapsed / done_here:.0f} s left"
+        print(text, file=self.stream, flush=True)
 
 
 def make_backend(compute_cfg: ComputeConfig) -> Backend:

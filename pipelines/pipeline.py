@@ -25,9 +25,10 @@ from pipelines.driver import VERSION, Flow, Stage, run_stages
 from pipelines.inputs import checkpoint_inputs, towards_paths
 from pipelines.paths import stores_dir
 from pipelines.records import (
-    HEADLINE_METRICS,
     headline_params,
     provenance,
+    record_outcome,
+    result_of,
     run_title,
     training_step,
 )
@@ -113,7 +114,7 @@ def run_pipeline(cfg: DictConfig, *, sweep_run_id: str | None = None, stages: tu
     c = to_typed(cfg)
     check_config(c)  # before any run is opened or anything computed
     uri = tracking.configure(c.tracking.uri, request_timeout=c.tracking.request_timeout)
-    exp_id = tracking.get_or_create_experiment(
+    exp_id = tracking.launched_experiment() or tracking.get_or_create_experiment(
         c.tracking.experiment, artifact_root=tracking.default_artifact_root(uri, Path(c.paths.artifacts_dir)))
     flow = Flow(c, checkpoint_inputs(c, uri), towards_paths(c, uri), stores_dir(c.paths.root_dir))
     tags = {"landscapes.checkpoint": flow.source.source}
@@ -126,41 +127,5 @@ def run_pipeline(cfg: DictConfig, *, sweep_run_id: str | None = None, stages: tu
         mlflow.log_dict(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True), "config.yaml")
         tracking.log_params(headline_params(c) | ({"epoch": step} if step is not None else {}))
         run_stages(stages, flow, parent_run_id=run.info.run_id, experiment_id=exp_id)
-        figures: dict[str, float] = {}
-        if "aggregate" in flow.outputs:
-            _finish(flow, time.perf_counter() - started)
-            figures |= flow.outputs["aggregate"].metrics
-        if "curvature" in flow.outputs:  # the curvature figures on the pipeline run too
-            figures |= flow.outputs["curvature"].metrics
-            mlflow.log_metrics(flow.outputs["curvature"].metrics)
-            if "aggregate" not in flow.outputs:
-                mlflow.log_metric("pipeline_seconds", time.perf_counter() - started)
-        if figures and sweep_run_id and step is not None:  # the sweep charts the headline figures against the epoch
-            tracking.log_metrics({k: figures[k] for k in HEADLINE_METRICS if k in figures}, step=step, run_id=sweep_run_id)
-    return _result(run.info.run_id, flow)
-
-
-def _finish(flow: Flow, seconds: float) -> None:
-    """Tag the parent run with what it made and log the summary figures on it."""
-    ev = flow.outputs["evaluate"]
-    mlflow.set_tags({
-        "landscapes.checkpoint_sha256": flow.outputs["checkpoint"].sha256,
-        "landscapes.directions": flow.identity["directions"][:16],
-        "landscapes.store": str(ev.store),
-        "landscapes.grid": "x".join(str(n) for n in ev.shape),
-    })
-    mlflow.log_metrics(flow.outputs["aggregate"].metrics | {"pipeline_seconds": seconds})
-    for p in getattr(flow.outputs.get("report"), "plots", ()):
-        if p.suffix == ".png":
-            mlflow.log_artifact(str(p), artifact_path="plots")
-
-
-def _result(run_id: str, flow: Flow) -> dict[str, Any]:
-    out = flow.outputs
-    result: dict[str, Any] = {"run_id": run_id, "summary": getattr(out.get("aggregate"), "summary", {}),
-                              "plots": [str(p) for p in getattr(out.get("report"), "plots", ())]}
-    for name, attr, as_key in (("checkpoint", "path", "checkpoint"), ("directions", "path", "directions"),
-                               ("evaluate", "store", "store")):
-        if name in out:
-            result[as_key] = str(getattr(out[name], attr))
-    return result
+        record_outcome(flow, time.perf_counter() - started, sweep_run_id=sweep_run_id, step=step)
+    return result_of(run.info.run_id, flow)

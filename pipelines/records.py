@@ -12,9 +12,10 @@ import torch
 
 import landscapes
 from pipelines.config import PipelineConfig
+from pipelines.driver import Flow
 from pipelines.stages.checkpoint import CheckpointOutputs
 
-__all__ = ["headline_params", "provenance", "run_title", "training_step", "HEADLINE_METRICS"]
+__all__ = ["headline_params", "provenance", "run_title", "training_step", "HEADLINE_METRICS", "record_outcome", "result_of"]
 
 
 def headline_params(cfg: PipelineConfig) -> dict[str, Any]:
@@ -71,3 +72,38 @@ def run_title(cfg: PipelineConfig, source: str) -> str:
     else:
         how = "towards " + ", ".join(Path(t).stem for t in d.towards)
     return f"{stem} · {grid} {how}"
+
+
+def record_outcome(flow: Flow, seconds: float, *, sweep_run_id: str | None, step: int | None) -> None:
+    """Tag the active pipeline run with what it made and log its figures (on the sweep too, at ``step``)."""
+    out, figures = flow.outputs, {}
+    if "aggregate" in out:
+        ev = out["evaluate"]
+        mlflow.set_tags({
+            "landscapes.checkpoint_sha256": out["checkpoint"].sha256,
+            "landscapes.directions": flow.identity["directions"][:16],
+            "landscapes.store": str(ev.store),
+            "landscapes.grid": "x".join(str(n) for n in ev.shape),
+        })
+        figures |= out["aggregate"].metrics
+        for p in getattr(out.get("report"), "plots", ()):
+            if p.suffix == ".png":
+                mlflow.log_artifact(str(p), artifact_path="plots")
+    if "curvature" in out:
+        figures |= out["curvature"].metrics
+    if figures:
+        mlflow.log_metrics(figures | {"pipeline_seconds": seconds})
+    if figures and sweep_run_id and step is not None:  # the sweep charts the headline figures against the epoch
+        mlflow.log_metrics({k: figures[k] for k in HEADLINE_METRICS if k in figures}, step=step, run_id=sweep_run_id)
+
+
+def result_of(run_id: str, flow: Flow) -> dict[str, Any]:
+    """What `run_pipeline` returns: the run, the summary, the plots, and the paths of what was made."""
+    out = flow.outputs
+    result: dict[str, Any] = {"run_id": run_id, "summary": getattr(out.get("aggregate"), "summary", {}),
+                              "plots": [str(p) for p in getattr(out.get("report"), "plots", ())]}
+    for name, attr, as_key in (("checkpoint", "path", "checkpoint"), ("directions", "path", "directions"),
+                               ("evaluate", "store", "store")):
+        if name in out:
+            result[as_key] = str(getattr(out[name], attr))
+    return result

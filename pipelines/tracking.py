@@ -81,6 +81,7 @@ __all__ = [
     "log_metrics",
     "log_metric_history",
     "log_artifact",
+    "launched_experiment",
 ]
 
 TAG_KIND = "landscapes.kind"
@@ -981,3 +982,15 @@ def _end_active_run(run_id: str, error: BaseException) -> None:
             f"MLflow run {run_id} could not be marked {status} ({_first_line(exc)}); it stays "
             "RUNNING until the next attempt closes it."
         )
+
+
+def launched_experiment() -> str | None:
+    """Inside ``mlflow run`` (``MLFLOW_RUN_ID`` set), the experiment MLflow opened the run in.
+
+    MLflow Projects create the pipeline's run before our code starts, in the experiment named by
+    ``--experiment-name``/``--experiment-id`` (``Default`` without them); the stage runs follow
+    it, so that all runs of one ``mlflow run`` share one experiment whatever ``tracking.experiment`` says.
+    """
+    if not os.environ.get("MLFLOW_RUN_ID"):
+        return None
+    return os.environ.get("MLFLOW_EXPERIMENT_ID") or None

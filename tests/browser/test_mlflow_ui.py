@@ -1,0 +1,133 @@
+"""A real ``mlflow ui`` on a fresh store, looked at in headless Chromium (playwright-core from npm).
+
+Skips cleanly without a browser: it needs ``chromium`` (``$CHROMIUM`` or on ``PATH``), ``node``,
+and the npm package ``playwright-core`` in ``$PLAYWRIGHT_NODE_PATH``, ``$NODE_PATH`` or
+``/tmp/shot/node_modules`` (see ``/work/shared/mlflow-ui-in-a-browser.md`` and
+``docs/images/README.md`` for installing them; nothing goes into the repository).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.integration.conftest import Project
+
+TIMEOUT_MS = 45_000
+
+SCRIPT = r"""
+const { chromium } = require('playwright-core');
+const fs = require('fs'), os = require('os'), path = require('path');
+const [base, experimentId, sweepRunId, sweepName, childName, exe] = process.argv.slice(2);
+(async () => {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'mlflow-ui-test-'));
+  const ctx = await chromium.launchPersistentContext(dir, {
+    executablePath: exe, headless: true, viewport: { width: 1600, height: 900 },
+    args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
+      '--disable-background-networking', '--disable-component-update', '--disable-sync'],
+  });
+  await ctx.addInitScript(() => {
+    localStorage.setItem('mlflow.assistant.fab.autoOpenedOnFirstLoad_v1', 'true');
+    localStorage.setItem('mlflow.assistant.panelOpen_v1', 'false');
+    localStorage.setItem('mlflow.workflowType_v1', '"machine_learning"');
+  });
+  const names = async (page) => page.locator('[role=row] a').allInnerTexts();
+  try {
+    const page = await ctx.newPage();
+    page.setDefaultTimeout(%(timeout)d);
+    await page.goto(`${base}/#/experiments/${experimentId}/runs?workflowType=machine_learning`);
+    await page.getByRole('link', { name: sweepName, exact: true }).first().waitFor();
+    const collapsed = await names(page);
+    await page.locator(`[role=row][row-id="${sweepRunId}"] button`).first().click();
+    await page.getByRole('link', { name: childName, exact: true }).first().waitFor();
+    console.log(JSON.stringify({ collapsed, expanded: await names(page) }));
+  } finally {
+    await ctx.close();
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+})().catch((e) => { console.error(e); process.exit(1); });
+""".replace("%(timeout)d", str(TIMEOUT_MS))
+
+
+def _browser() -> tuple[str, str, dict[str, str]]:
+    """Chromium, node and the environment that finds playwright-core; skip when one is missing."""
+    chromium = os.environ.get("CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+    node = shutil.which("node")
+    if not chromium or not node:
+        pytest.skip("needs chromium and node (apt-get install chromium nodejs)")
+    paths = [p for p in (os.environ.get("PLAYWRIGHT_NODE_PATH"), os.environ.get("NODE_PATH"), "/tmp/shot/node_modules") if p]
+    env = {**os.environ, "NODE_PATH": os.pathsep.join(paths)}
+    found = subprocess.run([node, "-e", "require.resolve('playwright-core')"], env=env, capture_output=True, timeout=30)
+    if found.returncode != 0:
+        pytest.skip("needs the npm package playwright-core (npm install playwright-core; set PLAYWRIGHT_NODE_PATH "
+                    "to its node_modules)")
+    return chromium, node, env
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_healthy(url: str, server: subprocess.Popen, seconds: float = 90) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        assert server.poll() is None, f"mlflow ui exited with {server.returncode}"
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=5) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(1)
+    raise AssertionError(f"mlflow ui did not answer {url}/health within {seconds} s")
+
+
+@pytest.mark.slow
+def test_runs_list_shows_sweep_with_named_pipeline_runs_and_comparison(project: Project, tmp_path: Path) -> None:
+    chromium, node, env = _browser()
+    ckpts = ",".join(str(project.checkpoint(e)) for e in (0, 2))
+    project.cli("pipelines.run", "-m", f"checkpoint.path={ckpts}", "debug=default")
+    (sweep,) = project.search("tags.`landscapes.kind` = 'sweep'")
+    names = {r.info.run_name for r in project.children(sweep.info.run_id)}
+    assert names == {"epoch_000 · plane 5² filter s0", "epoch_002 · plane 5² filter s0", "compare 2 landscapes"}
+
+    port = _free_port()
+    base = f"http://127.0.0.1:{port}"
+    log = (tmp_path / "mlflow_ui.log").open("w")
+    server = subprocess.Popen(
+        [str(Path(sys.executable).with_name("mlflow")), "ui", "--backend-store-uri", project.uri,
+         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT,
+    )
+    try:
+        _wait_healthy(base, server)
+        script = tmp_path / "runs_list.js"
+        script.write_text(SCRIPT)
+        proc = subprocess.run(
+            [node, str(script), base, project.experiment_id, sweep.info.run_id, sweep.info.run_name,
+             "epoch_002 · plane 5² filter s0", chromium],
+            env=env, capture_output=True, text=True, timeout=180,
+        )
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        seen = json.loads(proc.stdout.strip().splitlines()[-1])
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            server.kill()
+        log.close()
+    assert sweep.info.run_name in seen["collapsed"]
+    assert "epoch_000 · plane 5² filter s0" not in seen["collapsed"]  # nested under the sweep
+    for name in names:
+        assert name in seen["expanded"], seen["expanded"]

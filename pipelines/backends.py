@@ -836,6 +836,10 @@ class _ProgressLog:
         if self.n != self.last_n:
             self._line(self.clock())
 
+    def set_postfix_str(self, text: str, refresh: bool = False) -> None:
+        """Said on the next line (tqdm's bar shows it beside the count)."""
+        self.postfix = text
+
     def _line(self, now: float) -> None:
         self.last_time, self.last_n, self.next_mark = now, self.n, self._mark_after(self.n)
         if self.stream is None:
@@ -846,6 +850,8 @@ class _ProgressLog:
         text = f"evaluate: {self.n}/{self.total} points ({pct} %), {elapsed:.1f} s elapsed"
         if self.n < self.total and done_here > 0 and elapsed > 0:
             text += f", ~{(self.total - self.n) * elapsed / done_here:.0f} s left"
+        if getattr(self, "postfix", ""):
+            text += f" [{self.postfix}]"
         print(text, file=self.stream, flush=True)
 
 

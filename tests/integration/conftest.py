@@ -62,7 +62,9 @@ class Project:
 
     def env(self) -> dict[str, str]:
         """The environment of a CLI subprocess working in this project."""
-        env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "LANDSCAPES_SWEEP_RUN_ID")}
+        scrub = ("MLFLOW_TRACKING_URI", "LANDSCAPES_SWEEP_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME",
+                 "MLFLOW_RUN_ID")  # another test's run or experiment must not leak into this project's commands
+        env = {k: v for k, v in os.environ.items() if k not in scrub}
         env["LANDSCAPES_ROOT"] = str(self.root)
         return env
 

@@ -318,3 +318,19 @@ def test_documented_command_composes(overrides: list[str], hydra_configs: None, 
     project = Project(root=tmp_path, train_run_id="")
     cfg = project.compose(*overrides)
     assert cfg.grid.dims in (1, 2)
+
+
+@pytest.mark.parametrize("preset", ["1d_interpolation", "2d_three_checkpoints"])
+def test_checkpoint_presets_hold_every_checkpoint_on_the_grid(preset: str, hydra_configs: None, tmp_path: Path) -> None:
+    """θ0 at 0 and the other checkpoints at 1, exactly: the figures at θ0 and the marked ends are real grid values."""
+    from pipelines.builders import grid_axes
+    from pipelines.config import to_typed
+
+    project = Project(root=tmp_path, train_run_id="")
+    mp = project.environment()
+    try:
+        cfg = to_typed(project.compose(f"experiment={preset}", "directions.towards=[a.pt,b.pt]"))
+    finally:
+        mp.undo()
+    for axis in grid_axes(cfg.grid):
+        assert 0.0 in axis.tolist() and 1.0 in axis.tolist(), axis

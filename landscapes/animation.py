@@ -13,16 +13,15 @@ pyplot, so the user's backend is left alone.
 
 from __future__ import annotations
 
-import contextlib
 import os
-import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from landscapes.errors import ConfigurationError, ShapeMismatchError
+from landscapes.integrity import atomic_file
 
 __all__ = ["animate"]
 
@@ -139,7 +138,7 @@ def animate(
     if mp4 and FFMpegWriter.isAvailable():
         writers.append(("mp4", FFMpegWriter(fps=fps), target.with_suffix(".mp4")))
     for kind, writer, out in writers:
-        with _atomic(out) as tmp, writer.saving(fig, tmp, dpi):
+        with atomic_file(out) as tmp, writer.saving(fig, tmp, dpi):
             for f in range(len(fields)):
                 draw(f)
                 writer.grab_frame()
@@ -214,17 +213,3 @@ def _upto(upto: Sequence[int] | None, points: np.ndarray | None, frames: int, wh
             f"{where}: upto={list(upto)!r}: give one index in [-1, {m - 1}] per frame ({frames} frames)."
         )
     return out
-
-
-@contextlib.contextmanager
-def _atomic(target: Path) -> Iterator[str]:
-    """A temporary path with ``target``'s suffix next to it, renamed onto it on success."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.stem}.", suffix=target.suffix, dir=target.parent)
-    os.close(fd)
-    try:
-        yield tmp
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)

@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from landscapes._checks import check_choice, check_positive_int
-from landscapes.adapters import Forward, ForwardSpec, Output, OutputSpec, without_key
+from landscapes.adapters import ForwardSpec, Output, OutputSpec, without_key
 from landscapes.bn import BN_MODULES, recalibrate_bn
 from landscapes.errors import (
     ConfigurationError,
@@ -49,6 +49,7 @@ from landscapes.errors import (
     DifferentiationError,
     LandscapesError,
 )
+from landscapes.evaluate import BoundForward
 from landscapes.metrics import Loss, Metric, _to
 from landscapes.params import ParameterSpace
 from landscapes.wrappers import ModelWrapper, SimpleModelWrapper, wrap_model
@@ -76,18 +77,6 @@ ParamsSpec = str | Sequence[str] | None
 # --------------------------------------------------------------------------------------------
 # The objective: the dataset loss as a function of a flat parameter vector
 # --------------------------------------------------------------------------------------------
-
-
-class _Bound(nn.Module):
-    """``forward(model, batch)`` as a module, so ``functional_call`` runs any adapter."""
-
-    def __init__(self, model: nn.Module, forward: Forward):
-        super().__init__()
-        self.model = model
-        self.adapter = forward
-
-    def forward(self, batch: Any) -> Any:
-        return self.adapter(self.model, batch)
 
 
 def _loss_metric(loss_fn: Any, data: Any, target_key: str, where: str) -> Loss:
@@ -191,7 +180,7 @@ class _Objective:
         else:
             self.method, self.reason = None, ""  # decided on the first batch
         if functional:
-            self.bound = _Bound(self.wrapper.modules[0], self.wrapper.forward_adapter)
+            self.bound = BoundForward(self.wrapper.modules[0], self.wrapper.forward_adapter)
         adapter = getattr(self.wrapper, "forward_adapter", None)
         key = loss.data.target_key
         self.strip = adapter is not None and not adapter.takes(self.root, key)

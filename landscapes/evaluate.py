@@ -552,7 +552,7 @@ class Evaluator:
         if isinstance(x, torch.Tensor) and adapter.how in ("auto", "call"):
             module, prefix = self.root, ""
         else:  # the adapter calls the model inside functional_call
-            module, prefix = _Bound(self.root, adapter), "model."
+            module, prefix = BoundForward(self.root, adapter), "model."
             buffers = {prefix + n: b for n, b in buffers.items()}
 
         def one(p: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
@@ -872,7 +872,7 @@ def _readers(group: list[DatasetMetric], default: Output) -> tuple[list[Output],
     return readers, which
 
 
-class _Bound(nn.Module):
+class BoundForward(nn.Module):
     """``forward(model, batch)`` as a module, so ``functional_call`` can run any adapter."""
 
     def __init__(self, model: nn.Module, forward: Forward):

@@ -17,18 +17,17 @@ Files are written to a temporary name in the target folder and renamed into plac
 from __future__ import annotations
 
 import base64
-import contextlib
 import json
 import os
-import tempfile
 import xml.etree.ElementTree as ET
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 
 from landscapes.errors import ConfigurationError
+from landscapes.integrity import atomic_file
 
 __all__ = ["JSON_ATTRS", "read_netcdf", "read_vtk", "to_netcdf", "to_vtk"]
 
@@ -69,7 +68,7 @@ def to_netcdf(landscape_or_ds: Any, path: str | os.PathLike, *, engine: Engine |
         out[name].attrs = _netcdf_attrs(out[name].attrs)
     fmt = "NETCDF3_64BIT" if engine == "scipy" else "NETCDF4"
     target = Path(path)
-    with _atomic(target) as tmp:
+    with atomic_file(target) as tmp:
         out.to_netcdf(tmp, engine=engine, format=fmt)
     return target
 
@@ -176,7 +175,7 @@ def to_vtk(
     tree = ET.ElementTree(root)
     ET.indent(tree)
     target = Path(path)
-    with _atomic(target) as tmp:
+    with atomic_file(target) as tmp:
         tree.write(tmp, encoding="utf-8", xml_declaration=True)
     return target
 
@@ -300,17 +299,3 @@ def _data_array(parent: ET.Element, name: str, values: np.ndarray, components: i
     if parent.tag == "FieldData":
         el.set("NumberOfTuples", str(data.size // components))
     el.text = base64.b64encode(np.array(len(raw), dtype="<u8").tobytes() + raw).decode("ascii")
-
-
-@contextlib.contextmanager
-def _atomic(target: Path) -> Iterator[str]:
-    """A temporary path next to ``target``, renamed onto it when the block succeeds."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    try:
-        yield tmp
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)

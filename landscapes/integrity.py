@@ -23,6 +23,7 @@ import fcntl
 import hashlib
 import os
 import shutil
+import tempfile
 import threading
 import time
 import uuid
@@ -33,6 +34,7 @@ from landscapes.errors import LockTimeoutError, StoreError, StoreWriteError
 
 __all__ = [
     "atomic_directory",
+    "atomic_file",
     "atomic_write_bytes",
     "file_lock",
     "fsync_tree",
@@ -239,6 +241,22 @@ def _publish(tmp: Path, d: Path, replace: bool) -> None:
     os.rename(d, old)
     os.rename(tmp, d)
     shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_file(target: str | os.PathLike) -> Iterator[str]:
+    """A temporary path beside ``target`` (same suffix, so writers that read the format from
+    it still work), renamed onto ``target`` when the block succeeds and removed otherwise."""
+    target = Path(os.fspath(target))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.stem}.", suffix=target.suffix, dir=target.parent)
+    os.close(fd)
+    try:
+        yield tmp
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, fsync: bool = False) -> None:

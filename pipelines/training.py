@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -19,7 +18,7 @@ from torch import nn
 
 from landscapes.checkpoints import checkpoint_identity
 from landscapes.errors import ConfigurationError
-from landscapes.integrity import atomic_write_bytes
+from landscapes.integrity import atomic_file, atomic_write_bytes
 from pipelines import tracking
 from pipelines.demo import DemoMLP, load_digits_tensors
 
@@ -265,6 +264,5 @@ def finished_checkpoints(ckpt_dir: Path) -> list[Path] | None:
 
 def _save_atomically(state: dict[str, torch.Tensor], path: Path) -> None:
     """``torch.save`` to a temporary name, then rename: a killed training leaves no half-written file."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        torch.save(state, tmp)

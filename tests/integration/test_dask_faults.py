@@ -33,7 +33,14 @@ from landscapes.store import LandscapeStore
 from pipelines.backends import DaskBackend, LocalBackend, make_backend
 from pipelines.demo import DemoMLP
 from pipelines.stages.directions import DirectionsInputs, directions
-from tests.integration.test_dask import REPO, assert_same, make_cfg, run_evaluate, values
+from tests.integration.test_dask import (
+    REPO,
+    _on_worker,
+    assert_same,
+    make_cfg,
+    run_evaluate,
+    values,
+)
 
 distributed = pytest.importorskip("distributed")
 
@@ -44,14 +51,6 @@ NO_WORKERS_TIMEOUT = 5.0
 
 
 # --- losses (importable by the workers: the repository is on their PYTHONPATH) ----------------
-
-
-def _on_worker() -> bool:
-    try:
-        distributed.get_worker()
-    except ValueError:
-        return False
-    return True
 
 
 class SlowLoss(nn.Module):

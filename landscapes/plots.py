@@ -57,6 +57,7 @@ __all__ = [
     "plot_curve",
     "plot_html",
     "plot_surface",
+    "plot_trajectory",
     "render_all",
     "round_coordinate",
 ]
@@ -208,6 +209,9 @@ def _axis_labels(ds: xarray.Dataset, dims: Sequence[str]) -> list[str]:
             notes = [n for n in (normalized, *extra) if n]
             name = checkpoint_name(str(towards[i]))
             labels.append(f"towards {name}" + (f" ({', '.join(notes)})" if notes else ""))
+        elif kind == "pca" and i < len(dirs.get("explained_variance_ratio") or ()):
+            share = float(dirs["explained_variance_ratio"][i])
+            labels.append(f"principal direction {i + 1} ({100 * share:.1f} % of the trajectory)")
         elif kind:
             labels.append(f"direction {i + 1} ({kind})")
         else:
@@ -518,6 +522,64 @@ def plot_contour(
     ax.set_ylabel(yl)
     ax.set_title(title if title is not None else _title(ds, label, values.shape), fontsize="medium")
     _legend(fig, ax, _mark_2d(ax, _reference_points(ds, coords)), own=own)
+    return fig
+
+
+#: A plane that explains less of a trajectory's squared displacement than this says so on the plot.
+LOW_EXPLAINED = 0.5
+
+
+def plot_trajectory(
+    landscape_or_ds: Any,
+    coords: Sequence[Sequence[float]] | np.ndarray,
+    labels: Sequence[str],
+    metric: str = "loss",
+    *,
+    log: bool = False,
+    explained: float | None = None,
+    title: str | None = None,
+) -> Figure:
+    """Filled contour of a 2-D landscape with checkpoints drawn over it, joined in order.
+
+    Args:
+        landscape_or_ds: ``xarray.Dataset`` or object with ``to_xarray()``; 2-D.
+        coords: ``(m, 2)`` plane coordinates of the checkpoints (e.g. ``Projection.coords``),
+            in training order.
+        labels: m names written beside the points (e.g. ``"epoch_010"``).
+        metric: data variable to plot.
+        log: plot ``log10`` of the metric.
+        explained: the share of the trajectory's squared displacement the plane explains; below
+            `LOW_EXPLAINED` the plot says that the points are projections of checkpoints far from it.
+        title: axes title; default the contour's.
+
+    Returns:
+        The figure.
+
+    Raises:
+        ConfigurationError: coordinates not ``(m, 2)``, labels of another length, or the
+            landscape cannot be drawn (see :func:`plot_contour`).
+    """
+    pts = np.asarray(coords, dtype=float)
+    if pts.ndim != 2 or pts.shape[1] != 2 or len(labels) != pts.shape[0]:
+        raise ConfigurationError(
+            f"plot_trajectory: coords have shape {pts.shape} and there are {len(labels)} labels; give (m, 2) "
+            "coordinates and one label per checkpoint."
+        )
+    fig = plot_contour(landscape_or_ds, metric, filled=True, log=log, title=title)
+    ax = fig.axes[0]
+    ax.plot(pts[:, 0], pts[:, 1], "-", color="white", linewidth=1.5, zorder=6)
+    ax.plot(pts[:, 0], pts[:, 1], "o", color="#d62728", markeredgecolor="black", markersize=6, zorder=7,
+            clip_on=False)
+    for (x, y), label in zip(pts, labels, strict=True):
+        ax.annotate(str(label), (x, y), xytext=(5, -10), textcoords="offset points", fontsize="x-small", zorder=8,
+                    bbox={"boxstyle": "round,pad=0.1", "fc": "white", "ec": "none", "alpha": 0.7})
+    if explained is not None:
+        low = explained < LOW_EXPLAINED
+        text = (f"the plane explains only {100 * explained:.0f} % of the trajectory: points are projections "
+                "of checkpoints far from it" if low else f"the plane explains {100 * explained:.0f} % of the trajectory")
+        ax.text(0.01, 0.99, text, transform=ax.transAxes, va="top", ha="left", fontsize="x-small", zorder=9,
+                color="#b00000" if low else "black", wrap=True,
+                bbox={"boxstyle": "round,pad=0.2", "fc": "white", "ec": "#b00000" if low else "none", "alpha": 0.85})
     return fig
 
 

@@ -37,6 +37,7 @@ class DirectionKind(StrEnum):
     random = "random"  # seeded Gaussian, normalized
     checkpoints = "checkpoints"  # towards other checkpoints: θᵢ − θ0
     hessian = "hessian"  # the top Hessian eigenvectors at θ0 (unit vectors, stored as they are)
+    pca = "pca"  # principal directions of a training trajectory's displacements from θ0 (or the origin)
 
 
 class Device(StrEnum):
@@ -116,6 +117,14 @@ class DirectionsConfig:
     seed: int = 0
     towards: list[str] = field(default_factory=list)  # checkpoints for kind=checkpoints
     orthogonalize: bool = False
+    trajectory: list[str] = field(default_factory=list)  # kind=pca: a training run's checkpoints (paths, URIs, globs)
+    center: bool = False  # kind=pca: remove the displacements' mean first (Li et al. / sklearn)
+    # kind=pca: scale each direction so the trajectory's coordinates reach ±1 at most (the grid's range then
+    # frames the run whatever its length); false keeps unit directions (coordinates in parameter units)
+    scale_to_trajectory: bool = True
+    # The shared plane of a sweep: every job's plane goes through this checkpoint (its origin), with the
+    # directions made there, so all landscapes of the sweep lie on one plane and can be subtracted.
+    origin: str | None = None
 
 
 @dataclass

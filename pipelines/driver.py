@@ -32,6 +32,9 @@ class Flow:
     stores: Path
     outputs: dict[str, Any] = field(default_factory=dict)
     identity: dict[str, str] = field(default_factory=dict)  # what the keys of downstream stages see
+    trajectory: tuple[Path, ...] = ()  # directions.trajectory (kind=pca), in training order
+    origin: CheckpointInputs | None = None  # directions.origin: the shared plane's origin
+    extra: dict[str, Any] = field(default_factory=dict)  # other resolved inputs (connectivity.towards)
 
 
 @dataclass(frozen=True)
@@ -41,7 +44,7 @@ class Stage:
     name: str
     fn: Callable[[PipelineConfig, Any], Any]  # the stage: (cfg, inputs) -> outputs dataclass
     sections: tuple[str, ...]  # config sections its key covers (logged as its params)
-    upstream: tuple[str, ...]  # stages whose outputs it reads
+    upstream: tuple[str, ...] | Callable[[PipelineConfig], tuple[str, ...]]  # stages whose outputs it reads
     inputs: Callable[[Flow], Any]  # its inputs dataclass
     place: Callable[[Flow, str], dict[str, Any]] = lambda flow, key: {}  # where outputs go, from its key
     identity: Callable[[Flow, Any], str] | None = None  # what downstream keys see (default: its key)
@@ -62,7 +65,8 @@ def _run(stage: Stage, flow: Flow, parent_run_id: str, experiment_id: str) -> No
     inputs = stage.inputs(flow)
     what = {f.name: _text(getattr(inputs, f.name)) for f in dataclasses.fields(inputs) if f.name not in WHERE_FIELDS}
     params = {s: getattr(flow.cfg, s) for s in stage.sections}
-    key = tracking.stage_key(stage.name, params | {"inputs": what}, [flow.identity[u] for u in stage.upstream], VERSION)
+    upstream = stage.upstream(flow.cfg) if callable(stage.upstream) else stage.upstream
+    key = tracking.stage_key(stage.name, params | {"inputs": what}, [flow.identity[u] for u in upstream], VERSION)
     inputs = dataclasses.replace(inputs, **stage.place(flow, key))
     try:
         out = tracking.run_stage(stage.name, stage.fn, flow.cfg, inputs, parent_run_id=parent_run_id,

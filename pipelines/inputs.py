@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -16,7 +17,7 @@ from pipelines.checkpoint_sources import resolve_checkpoint_file, source_run_of
 from pipelines.config import PipelineConfig
 from pipelines.stages.checkpoint import CheckpointInputs
 
-__all__ = ["checkpoint_inputs", "towards_paths", "demo_train_config", "training_run_of", "mlflow_cache_dir"]
+__all__ = ["checkpoint_inputs", "towards_paths", "trajectory_paths", "origin_inputs", "demo_train_config", "training_run_of", "mlflow_cache_dir"]
 
 _MLFLOW_SCHEMES = ("runs:/", "models:/", "mlflow-artifacts:/")
 
@@ -48,6 +49,38 @@ def towards_paths(cfg: PipelineConfig, uri: str) -> tuple[Path, ...]:
         checkpoint_inputs(cfg, uri, source=t, key=f"directions.towards[{i}]").path
         for i, t in enumerate(cfg.directions.towards or [])
     )
+
+
+def trajectory_paths(cfg: PipelineConfig, uri: str) -> tuple[Path, ...]:
+    """Local files of ``directions.trajectory`` in training order; an entry with ``*`` or ``?`` is a
+    glob (relative to ``paths.root_dir``), its matches sorted by the numbers in their names."""
+    paths: list[Path] = []
+    for i, entry in enumerate(cfg.directions.trajectory or []):
+        key = f"directions.trajectory[{i}]"
+        if any(c in entry for c in "*?[") and not entry.startswith(_MLFLOW_SCHEMES):
+            pattern = Path(entry).expanduser()
+            base = pattern if pattern.is_absolute() else Path(cfg.paths.root_dir) / pattern
+            found = sorted(Path(base.anchor).glob(str(base.relative_to(base.anchor))), key=_natural)
+            if not found:
+                raise CheckpointNotFoundError(
+                    f"{key}={entry!r}: the pattern matches no file ({base}); give the checkpoints of a training "
+                    "run, e.g. directions.trajectory=[outputs/demo/checkpoints/epoch_*.pt]."
+                )
+            paths += [checkpoint_inputs(cfg, uri, source=str(f), key=key).path for f in found]
+        else:
+            paths.append(checkpoint_inputs(cfg, uri, source=entry, key=key).path)
+    return tuple(dict.fromkeys(paths))
+
+
+def origin_inputs(cfg: PipelineConfig, uri: str) -> CheckpointInputs | None:
+    """The checkpoint of ``directions.origin`` (the shared plane of a sweep), or None."""
+    origin = cfg.directions.origin
+    return None if origin is None else checkpoint_inputs(cfg, uri, source=origin, key="directions.origin")
+
+
+def _natural(path: Path) -> list[Any]:
+    """``epoch_2`` before ``epoch_10``: names compared with their numbers as numbers."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", str(path))]
 
 
 def training_run_of(path: Path) -> str | None:

@@ -20,9 +20,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from pipelines import tracking
 from pipelines.builders import check_config
-from pipelines.config import to_typed
+from pipelines.config import PipelineConfig, to_typed
 from pipelines.driver import VERSION, Flow, Stage, run_stages
-from pipelines.inputs import checkpoint_inputs, towards_paths
+from pipelines.inputs import checkpoint_inputs, origin_inputs, towards_paths, trajectory_paths
 from pipelines.paths import stores_dir
 from pipelines.records import (
     headline_params,
@@ -70,11 +70,16 @@ def _checkpoint_identity(flow: Flow, out: Any) -> str:
     return tracking.stage_key("checkpoint", {"sha256": out.sha256, "model": flow.cfg.model}, (), VERSION)
 
 
+def _plane_origin(cfg: PipelineConfig) -> str:
+    """The stage whose checkpoint the plane goes through: ``origin`` on a shared plane, else θ0's."""
+    return "origin" if cfg.directions.origin is not None else "checkpoint"
+
+
 def _directions_inputs(flow: Flow) -> DirectionsInputs:
     """Hessian eigenvectors depend on the loss at θ0 too: their inputs name what it reads, so the key covers it."""
-    ck = flow.outputs["checkpoint"].path
+    ck = flow.outputs[_plane_origin(flow.cfg)].path
     if flow.cfg.directions.kind != "hessian":
-        return DirectionsInputs(ck, flow.towards)
+        return DirectionsInputs(ck, flow.towards, trajectory=flow.trajectory)
     c = flow.cfg
     loss = {"adapters": c.adapters, "data": c.data, "metrics": c.metrics, "model_mode": c.compute.model_mode,
             "bn_batches": c.compute.bn_batches,
@@ -96,7 +101,10 @@ STAGES: tuple[Stage, ...] = (
                                            f.cfg.compute.bn_batches),
           place=lambda f, key: {"out_dir": f.stores / f"curvature-{key[:16]}"},
           intact=lambda f, out: _in_root(f, out.spectrum_json) or cv_stage.intact(out)),
-    Stage("directions", dr_stage.directions, ("model", "directions", "grid"), ("checkpoint",),
+    Stage("origin", ck_stage.checkpoint, ("model", "checkpoint"), (), inputs=lambda f: f.origin,
+          enabled=lambda cfg: cfg.directions.origin is not None,
+          identity=_checkpoint_identity, intact=lambda f, out: ck_stage.intact(out)),
+    Stage("directions", dr_stage.directions, ("model", "directions", "grid"), lambda cfg: (_plane_origin(cfg),),
           inputs=_directions_inputs,
           place=lambda f, key: {"out_dir": f.stores / f"directions-{key[:16]}"},
           intact=lambda f, out: _in_root(f, out.path) or dr_stage.intact(out)),
@@ -116,7 +124,8 @@ def run_pipeline(cfg: DictConfig, *, sweep_run_id: str | None = None, stages: tu
     uri = tracking.configure(c.tracking.uri, request_timeout=c.tracking.request_timeout)
     exp_id = tracking.launched_experiment() or tracking.get_or_create_experiment(
         c.tracking.experiment, artifact_root=tracking.default_artifact_root(uri, Path(c.paths.artifacts_dir)))
-    flow = Flow(c, checkpoint_inputs(c, uri), towards_paths(c, uri), stores_dir(c.paths.root_dir))
+    flow = Flow(c, checkpoint_inputs(c, uri), towards_paths(c, uri), stores_dir(c.paths.root_dir),
+                trajectory=trajectory_paths(c, uri), origin=origin_inputs(c, uri))
     tags = {"landscapes.checkpoint": flow.source.source}
     if flow.source.training_run_id:
         tags["landscapes.training_run"] = flow.source.training_run_id

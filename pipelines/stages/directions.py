@@ -21,6 +21,7 @@ from landscapes.params import ParameterSpace
 from pipelines.builders import load_model
 from pipelines.config import PipelineConfig
 from pipelines.stages.curvature import loss_metric
+from pipelines.stages.pca import pca_plane
 
 __all__ = ["DirectionsInputs", "DirectionsOutputs", "directions", "intact", "load_directions", "save_directions"]
 
@@ -30,6 +31,7 @@ class DirectionsInputs:
     checkpoint: Path
     towards: tuple[Path, ...] = ()
     out_dir: Path = Path(".")
+    trajectory: tuple[Path, ...] = ()  # kind=pca: the training run's checkpoints, in order
 
 
 @dataclass(frozen=True)
@@ -65,6 +67,8 @@ def directions(cfg: PipelineConfig, inputs: DirectionsInputs) -> DirectionsOutpu
     if dcfg.kind == "hessian":
         dirs, extra = _hessian(cfg, model, dims)
         norm, ignore = None, None  # unit eigenvectors, stored as they are
+    elif dcfg.kind == "pca":
+        dirs, extra = pca_plane(cfg, model, inputs.trajectory, dims, normalization=norm, ignore=ignore)
     elif dcfg.kind == "random":
         seeds = tuple(int(dcfg.seed) + i for i in range(dims))
         dirs = [L.random_direction(model, normalization=norm, ignore=ignore, seed=s) for s in seeds]
@@ -97,6 +101,10 @@ def directions(cfg: PipelineConfig, inputs: DirectionsInputs) -> DirectionsOutpu
     })
     metrics = {f"direction_{i}_norm": n for i, n in enumerate(norms)}
     metrics |= {f"direction_{i}_eigenvalue": v for i, v in enumerate(extra.get("eigenvalues", ()))}
+    for what in ("explained_variance", "explained_variance_ratio"):  # kind=pca
+        metrics |= {f"direction_{i}_{what}": v for i, v in enumerate(extra.get(what, ()))}
+    if "trajectory" in extra:
+        metrics["plane_explained_fraction"] = extra["trajectory"]["plane_explained"]
     if cos is not None:
         metrics["direction_cosine"] = cos
     return DirectionsOutputs(path, str(dcfg.kind), seeds, str(norm), norms, cos, cos_after, record.sha256, metrics)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from landscapes import plots
 from landscapes.store import LandscapeStore
@@ -37,5 +38,22 @@ def report(cfg: PipelineConfig, inputs: ReportInputs) -> ReportOutputs:
     paths: list[Path] = []
     for metric in wanted:  # log scale for the loss only: accuracy lives in [0, 1]
         paths += plots.render_all(ds, out_dir, metrics=[metric], log=pcfg.log and metric == "loss", html=pcfg.html)
+    paths += _trajectory_plots(ds, [m for m in wanted if ds[m].ndim == 2], out_dir, log=pcfg.log)
     return ReportOutputs(plots=tuple(paths), artifacts=(out_dir,))
+
+
+def _trajectory_plots(ds: Any, metrics: list[str], out_dir: Path, *, log: bool) -> list[Path]:
+    """``<m>_trajectory.png``: the training run drawn on the plane, when the store records one
+    (``directions.trajectory``, from ``directions.kind=pca``)."""
+    record = (ds.attrs.get("directions") or {}).get("trajectory")
+    if not record or not metrics:
+        return []
+    out = []
+    for metric in metrics:
+        fig = plots.plot_trajectory(ds, record["coords"], record["labels"], metric, log=log and metric == "loss",
+                                    explained=record.get("plane_explained"))
+        path = out_dir / f"{metric}_trajectory{'_log' if log and metric == 'loss' else ''}.png"
+        fig.savefig(path, dpi=plots.DPI)
+        out.append(path)
+    return out
 

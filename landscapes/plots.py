@@ -171,16 +171,24 @@ def _normalization(dirs: Mapping[str, Any]) -> str | None:
     return None if text in ("", "none", "null") else text
 
 
-def _origin_name(ds: xarray.Dataset) -> str | None:
-    """The checkpoint at θ0, from ``attrs["checkpoint"]`` (``source``, then ``path``)."""
-    ck = ds.attrs.get("checkpoint")
+def _checkpoint_name(ds: xarray.Dataset, key: str = "checkpoint") -> str | None:
+    ck = ds.attrs.get(key)
     ref = ck.get("source") or ck.get("path") if isinstance(ck, Mapping) else ck
     return checkpoint_name(str(ref)) if ref else None
 
 
+def _origin_name(ds: xarray.Dataset) -> str | None:
+    """The checkpoint at θ0: ``attrs["plane"]["origin"]`` on a shared plane, else ``attrs["checkpoint"]``
+    (``source``, then ``path``)."""
+    plane = ds.attrs.get("plane")
+    if isinstance(plane, Mapping) and plane.get("mode") == "shared" and isinstance(plane.get("origin"), Mapping):
+        return checkpoint_name(str(plane["origin"].get("source") or "")) or None
+    return _checkpoint_name(ds)
+
+
 def _subject(ds: xarray.Dataset) -> str | None:
-    """What the landscape is of, for titles: the θ0 checkpoint, else ``attrs["name"]``."""
-    name = _origin_name(ds) or ds.attrs.get("name")
+    """What the landscape is of, for titles: its checkpoint, else ``attrs["name"]``."""
+    name = _checkpoint_name(ds) or ds.attrs.get("name")
     return str(name) if name else None
 
 
@@ -575,10 +583,10 @@ def plot_trajectory(
                     bbox={"boxstyle": "round,pad=0.1", "fc": "white", "ec": "none", "alpha": 0.7})
     if explained is not None:
         low = explained < LOW_EXPLAINED
-        text = (f"the plane explains only {100 * explained:.0f} % of the trajectory: points are projections "
-                "of checkpoints far from it" if low else f"the plane explains {100 * explained:.0f} % of the trajectory")
+        text = (f"the plane explains only {100 * explained:.0f} % of the displacement:\nthe points are projections "
+                "of checkpoints far from it" if low else f"the plane explains {100 * explained:.0f} % of the displacement")
         ax.text(0.01, 0.99, text, transform=ax.transAxes, va="top", ha="left", fontsize="x-small", zorder=9,
-                color="#b00000" if low else "black", wrap=True,
+                color="#b00000" if low else "black",
                 bbox={"boxstyle": "round,pad=0.2", "fc": "white", "ec": "#b00000" if low else "none", "alpha": 0.85})
     return fig
 

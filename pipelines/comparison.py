@@ -52,6 +52,7 @@ class _Entry:
     label: str
     ndim: int
     plane: str | None
+    mode: str = "per-checkpoint"  # the store's plane mode: "shared" (directions.origin) or "per-checkpoint"
 
 
 def pipeline_runs(*, run_ids: list[str] | None = None, experiment_id: str | None = None,
@@ -174,6 +175,9 @@ def compare(runs: list[Run], *, out_dir: Path, experiment_id: str, parent_run_id
         tags["landscapes.duplicate_runs"] = ",".join(r.info.run_id for r in duplicates)
     if notes:
         tags["landscapes.compare_notes"] = " | ".join(notes)[:5000]
+    mode = next((n for n in notes if n.startswith("mode: ")), None)  # 2-D landscapes: which plane mode
+    if mode:
+        tags["landscapes.compare_mode"] = mode.removeprefix("mode: ").rstrip(".")
     with mlflow.start_run(experiment_id=experiment_id, run_name=f"compare {len(compared)} landscapes",
                           nested=parent_run_id is not None, parent_run_id=parent_run_id, tags=tags) as run:
         labels = [e.label for n in sorted(groups) for e in groups[n]]
@@ -203,7 +207,9 @@ def _open(runs: list[Run]) -> list[_Entry]:
             ) from None
         label = _label(run, labels)
         labels.append(label)
-        entries.append(_Entry(run, ds, label, len(store.dims), run.data.tags.get(TAG_PLANE)))
+        # the plane recorded in the store (origin, directions and grid digests), else the directions tag
+        plane = ds.attrs.get(plots.PLANE_ATTR) or run.data.tags.get(TAG_PLANE)
+        entries.append(_Entry(run, ds, label, len(store.dims), plane, str((ds.attrs.get("plane") or {}).get("mode", "per-checkpoint"))))
     return entries
 
 
@@ -211,10 +217,12 @@ def _notes(groups: dict[int, list[_Entry]], skipped: list[_Entry], duplicates: l
     notes = []
     planes = groups.get(2, [])
     n_planes = len(plots.plane_groups([e.ds for e in planes], [e.plane for e in planes])) if planes else 0
+    if planes:
+        notes.append(f"mode: {compare_mode(planes, n_planes)}.")
     if n_planes > 1:
         notes.append(
             f"{len(planes)} 2-D landscapes lie on {n_planes} different planes (other directions or θ0): compared side "
-            "by side only; difference maps need one shared plane."
+            f"by side only; difference maps need one shared plane: {SHARED_PLANE_HINT}."
         )
     if len(groups) > 1:
         notes.append("1-D lines and 2-D planes are compared apart: see lines/ and planes/.")
@@ -224,6 +232,21 @@ def _notes(groups: dict[int, list[_Entry]], skipped: list[_Entry], duplicates: l
         notes.append(f"left out {len(duplicates)} run(s) whose landscape store is already compared: "
                      f"{', '.join(r.info.run_id[:8] for r in duplicates)}.")
     return notes
+
+
+SHARED_PLANE_HINT = ("run the sweep with directions.origin=<checkpoint> (the shared-plane mode: one origin, one "
+                     "pair of directions, one grid for every job)")
+
+
+def compare_mode(entries: list[_Entry], n_planes: int) -> str:
+    """Which mode a comparison of 2-D landscapes used, in words."""
+    shared = [e for e in entries if e.mode == "shared"]
+    if n_planes == 1 and shared:
+        origin = ((shared[0].ds.attrs.get("plane") or {}).get("origin") or {}).get("source", "?")
+        return f"shared plane (origin {plots.checkpoint_name(str(origin))}): differences drawn"
+    if n_planes == 1:
+        return "one plane (the same θ0 and directions): differences drawn"
+    return "per-checkpoint planes: side by side on one colour scale, no differences"
 
 
 def _render(groups: dict[int, list[_Entry]], out_dir: Path, *, log: bool, split: bool) -> list[Path]:

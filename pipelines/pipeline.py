@@ -10,6 +10,7 @@ stage is one row here and one function in ``pipelines/stages/``.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import Any
 import mlflow
 from omegaconf import DictConfig, OmegaConf
 
+from landscapes.plots import PLANE_ATTR
 from pipelines import tracking
 from pipelines.builders import check_config
 from pipelines.config import PipelineConfig, to_typed
@@ -55,9 +57,24 @@ def store_fingerprint(flow: Flow) -> str:
 
 def _evaluate_inputs(flow: Flow) -> EvaluateInputs:
     fp, ck = store_fingerprint(flow), flow.outputs["checkpoint"]
+    shared = flow.cfg.directions.origin is not None
     return EvaluateInputs(checkpoint=ck.path, directions=flow.outputs["directions"].path,
                           store=flow.stores / f"landscape-{fp[:16]}" / "landscape.zarr", fingerprint=fp,
-                          provenance=provenance(flow.cfg, ck))
+                          provenance=provenance(flow.cfg, ck) | plane_record(flow),
+                          origin=flow.outputs["origin"].path if shared else None)
+
+
+def plane_record(flow: Flow) -> dict[str, Any]:
+    """The plane a landscape lies on, for its store: ``plane`` (mode, origin, directions digest, grid)
+    and its id ``landscapes.plane``, a digest of origin, directions and grid: two stores with one id
+    hold values at the same points of weight space, which the compare stage may subtract."""
+    c = flow.cfg
+    origin = flow.outputs[_plane_origin(c)]
+    record = {"mode": "shared" if c.directions.origin is not None else "per-checkpoint",
+              "origin": {"source": origin.source, "sha256": origin.sha256},
+              "directions_sha256": flow.outputs["directions"].sha256, "grid": dataclasses.asdict(c.grid)}
+    what = json.dumps([origin.sha256, record["directions_sha256"], record["grid"]], sort_keys=True, default=str)
+    return {"plane": record, PLANE_ATTR: hashlib.sha256(what.encode()).hexdigest()[:16]}
 
 
 def _in_root(flow: Flow, path: Path) -> str | None:

@@ -35,6 +35,7 @@ from pipelines.builders import (
 )
 from pipelines.config import PipelineConfig
 from pipelines.preflight import check_data_fits, check_memory_budget
+from pipelines.stages.pca import subject_on_plane
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,7 @@ class EvaluateInputs:
     store: Path  # where the landscape's store lives (reopened to resume)
     fingerprint: str  # what the store must have been created for
     provenance: dict[str, Any] = field(default_factory=dict)
+    origin: Path | None = None  # a shared plane's origin (directions.origin); None: the plane goes through θ0
 
 
 @dataclass(frozen=True)
@@ -88,10 +90,13 @@ def evaluate(cfg: PipelineConfig, inputs: EvaluateInputs, backend: Backend | Non
     flat, dir_attrs = load_directions(inputs.directions)
     axes = grid_axes(cfg.grid)
     _check_directions(flat, model, len(axes), inputs.directions)
+    origin = None if inputs.origin is None else load_model(
+        cfg.model, inputs.origin, trust_pickle=cfg.checkpoint.trust_pickle, strict=cfg.checkpoint.strict)
     evaluator = L.Evaluator(
         model, metrics, torch.from_numpy(flat), device=device, strategy=str(ccfg.strategy),
         model_mode=str(ccfg.model_mode), memory_budget=ccfg.memory_budget, max_batch_points=ccfg.max_batch_points,
         forward=forward, output=output, bn_batches=ccfg.bn_batches,
+        origin=None if origin is None else {n: p.detach() for n, p in origin.named_parameters()},
     )
     check_memory_budget(evaluator, ccfg.memory_budget)
     resume = cfg.resume
@@ -106,6 +111,8 @@ def evaluate(cfg: PipelineConfig, inputs: EvaluateInputs, backend: Backend | Non
         seconds = backend.run(evaluator, store, todo, progress=ccfg.progress) if todo else 0.0
         backend_name = str(getattr(backend, "name", type(backend).__name__))
         store.update_attrs({"evaluation": evaluator.describe() | {"backend": backend_name}})
+        if origin is not None:  # where this run's own checkpoint lies on the shared plane
+            store.update_attrs({"subject": subject_on_plane(model, origin, flat, inputs.checkpoint)})
     points = sum(t.size for t in todo)
     extra = {f"backend_{k}": float(v) for k, v in (getattr(backend, "last_run", None) or {}).items()
              if todo and (k.endswith("_seconds") or k == "workers")}

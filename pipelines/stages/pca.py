@@ -21,7 +21,7 @@ from landscapes.plots import checkpoint_name
 from pipelines.builders import load_model
 from pipelines.config import PipelineConfig
 
-__all__ = ["pca_plane", "trajectory_record"]
+__all__ = ["pca_plane", "subject_on_plane", "trajectory_record"]
 
 
 def pca_plane(
@@ -65,3 +65,11 @@ def trajectory_record(paths: tuple[Path, ...] | list[Path], projection: L.Projec
         "explained": projection.explained.tolist(),
         "plane_explained": max(0.0, min(1.0, total)),
     }
+
+
+def subject_on_plane(model: torch.nn.Module, origin: torch.nn.Module, flat: np.ndarray, path: Path) -> dict[str, Any]:
+    """Where ``model`` (a sweep job's checkpoint at ``path``) lies on the shared plane through
+    ``origin`` spanned by the ``(k, n)`` directions ``flat``: a `trajectory_record` of one point."""
+    space = L.ParameterSpace.from_module(origin)
+    directions = [space.unflatten(torch.from_numpy(np.ascontiguousarray(row))) for row in flat]
+    return trajectory_record([path], L.project_trajectory([model], origin, directions))

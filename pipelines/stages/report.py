@@ -44,8 +44,9 @@ def report(cfg: PipelineConfig, inputs: ReportInputs) -> ReportOutputs:
 
 def _trajectory_plots(ds: Any, metrics: list[str], out_dir: Path, *, log: bool) -> list[Path]:
     """``<m>_trajectory.png``: the training run drawn on the plane, when the store records one
-    (``directions.trajectory``, from ``directions.kind=pca``)."""
-    record = (ds.attrs.get("directions") or {}).get("trajectory")
+    (``directions.trajectory``, from ``directions.kind=pca``), else this run's checkpoint on a
+    shared plane (``subject``, from ``directions.origin``)."""
+    record = (ds.attrs.get("directions") or {}).get("trajectory") or ds.attrs.get("subject")
     if not record or not metrics:
         return []
     out = []

@@ -3,7 +3,6 @@ trajectory drawn over it, one shared plane for a sweep, mode connectivity, expor
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -51,5 +50,53 @@ def test_pca_without_a_trajectory_says_what_to_give(project: Project) -> None:
         project.run("directions=pca", "directions.trajectory=[nowhere/epoch_*.pt]", *FAST)
 
 
-def _json(path: Path) -> dict:
-    return json.loads(path.read_text())
+def _compare(project: Project, run_ids: list[str], out: Path):
+    import mlflow
+
+    from pipelines.comparison import compare, pipeline_runs
+
+    mp, previous = project.environment(), mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(project.uri)
+    try:
+        return compare(pipeline_runs(run_ids=run_ids), out_dir=out, experiment_id=project.experiment_id)
+    finally:
+        mlflow.set_tracking_uri(previous)
+        mp.undo()
+
+
+def test_shared_plane_gives_one_plane_and_differences(project: Project, tmp_path: Path) -> None:
+    origin = project.checkpoint(4)
+    results = [project.run("debug=default", f"checkpoint.path={project.checkpoint(e)}", f"directions.origin={origin}")
+               for e in (0, 2)]
+    a, b = (LandscapeStore.open(r["store"], mode="r") for r in results)
+    assert a.path != b.path  # each checkpoint its own store (its buffers, its position on the plane)
+    assert results[0]["directions"] == results[1]["directions"]  # one directions store, made once
+    for name in ("x", "y"):
+        np.testing.assert_array_equal(a.to_xarray()[name].values, b.to_xarray()[name].values)
+    np.testing.assert_array_equal(a.read_directions(), b.read_directions())
+    assert a.attrs["plane"]["mode"] == "shared" and a.attrs["plane"]["origin"]["sha256"] == b.attrs["plane"]["origin"]["sha256"]
+    assert a.attrs["landscapes.plane"] == b.attrs["landscapes.plane"]
+    assert a.attrs["checkpoint"]["path"] != b.attrs["checkpoint"]["path"]
+    # the origin is epoch 4 in both: the same weights at every grid point, so the same values (no buffers)
+    np.testing.assert_allclose(a.to_xarray()["loss"].values, b.to_xarray()["loss"].values, rtol=1e-6)
+    # each run's own checkpoint is marked where it lies on the plane
+    subjects = [s.attrs["subject"] for s in (a, b)]
+    assert [s["labels"] for s in subjects] == [["epoch_000"], ["epoch_002"]]
+    assert all(s["distance"][0] > 0 for s in subjects)
+    made = [project.client.get_run(r["run_id"]).data.tags["landscapes.stage_run.directions"] for r in results]
+    assert made[0] == made[1]  # the second job reused the first one's directions stage
+
+    result = _compare(project, [r["run_id"] for r in results], tmp_path / "shared")
+    assert (tmp_path / "shared" / "loss_log_difference.png").exists()
+    assert any(n.startswith("mode: shared plane (origin epoch_004)") for n in result.notes), result.notes
+
+
+def test_per_checkpoint_planes_refuse_differences_naming_the_option(project: Project, tmp_path: Path) -> None:
+    results = [project.run("debug=default", f"checkpoint.path={project.checkpoint(e)}") for e in (2, 4)]
+    for r in results:
+        assert LandscapeStore.open(r["store"], mode="r").attrs["plane"]["mode"] == "per-checkpoint"
+    result = _compare(project, [r["run_id"] for r in results], tmp_path / "own")
+    assert not any("difference" in p.name for p in (tmp_path / "own").iterdir())
+    refusal = next(n for n in result.notes if "difference maps need one shared plane" in n)
+    assert "directions.origin=<checkpoint>" in refusal
+    assert any(n.startswith("mode: per-checkpoint planes") for n in result.notes)

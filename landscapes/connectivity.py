@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from landscapes._checks import check_choice, check_positive_int
-from landscapes.adapters import ForwardSpec, OutputSpec
+from landscapes.adapters import Forward, ForwardSpec, Output, OutputSpec
 from landscapes.bn import batchnorm_modules
 from landscapes.errors import (
     ConfigurationError,
@@ -41,7 +41,7 @@ from landscapes.errors import (
     LandscapesWarning,
     ShapeMismatchError,
 )
-from landscapes.evaluate import BN_BATCHES, Evaluator, ModelMode, Strategy
+from landscapes.evaluate import BN_BATCHES, BoundForward, Evaluator, ModelMode, Strategy
 from landscapes.metrics import Accuracy, Metric, flatten_metrics, metric_names
 from landscapes.params import ParameterSpace
 
@@ -299,6 +299,8 @@ def fit_bezier(
     weight_decay: float = 0.0,
     model_mode: Literal["train", "eval"] = "train",
     bend: Mapping[str, torch.Tensor] | None = None,
+    forward: ForwardSpec = "auto",
+    output: OutputSpec = "auto",
 ) -> BezierCurve:
     """Train the bend of a quadratic Bézier curve from ``model_a`` to ``model_b``.
 
@@ -324,6 +326,8 @@ def fit_bezier(
         model_mode: ``"train"`` (BatchNorm on batch statistics, dropout on, as Garipov et
             al.) or ``"eval"``.
         bend: the initial bend; default the midpoint ``(θa + θb)/2`` (the curve starts as the line).
+        forward, output: how a batch's inputs reach the model and what of its output
+            ``loss_fn`` reads (see :mod:`landscapes.adapters`); default ``model(x)``, the tensor.
 
     Returns:
         The fitted :class:`BezierCurve` (ends are copies of the two models' parameters).
@@ -353,6 +357,10 @@ def fit_bezier(
     else:
         opt = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
     buffers = {n: b.detach().clone() for n, b in model_a.named_buffers()}
+    fwd, read = Forward(forward), Output(output)
+    plain = fwd.how == "auto" and read.plain
+    runner = model_a if plain else BoundForward(model_a, fwd)  # the adapters as a module for functional_call
+    prefix = "" if plain else "model."
     generator = torch.Generator().manual_seed(seed)
     batches = _batches(data, batch_size, generator, device, where)
     losses = np.empty(steps)
@@ -368,8 +376,10 @@ def fit_bezier(
                 x, y = next(batches)
                 w0, w1, w2 = (1.0 - t) ** 2, 2.0 * t * (1.0 - t), t * t
                 theta = {n: w0 * curve.start[n] + w1 * trainable[n] + w2 * curve.end[n] for n in names}
-                out = torch.func.functional_call(model_a, (theta, buffers), (x,))
-                loss = loss_fn(out, y)
+                out = torch.func.functional_call(
+                    runner, ({prefix + n: v for n, v in theta.items()}, {prefix + n: b for n, b in buffers.items()}), (x,)
+                )
+                loss = loss_fn(out if plain else read(out), y)
                 if not torch.isfinite(loss):
                     raise EvaluationError(
                         f"{where}: the loss is {loss.item()} at step {step} (t={t:.3f}); lower lr "

@@ -79,6 +79,7 @@ class SharpnessNorm(StrEnum):
 class StageName(StrEnum):
     checkpoint = "checkpoint"
     curvature = "curvature"
+    connectivity = "connectivity"
     directions = "directions"
     evaluate = "evaluate"
     aggregate = "aggregate"
@@ -235,6 +236,38 @@ class CurvatureConfig:
     adaptive: bool = False  # ASAM's ball ‖ε / |θ0|‖ ≤ rho
 
 
+class Optimizer(StrEnum):
+    sgd = "sgd"
+    adam = "adam"
+
+
+class FitMode(StrEnum):
+    train = "train"  # BatchNorm on batch statistics, dropout on (Garipov et al.)
+    eval = "eval"
+
+
+@dataclass
+class ConnectivityConfig:
+    """The connectivity stage (``connectivity.enabled``): the paths from θ0 to ``towards``.
+
+    The straight line (`landscapes.linear_path`) and, with ``bezier``, a quadratic Bézier curve
+    whose bend is fitted (`landscapes.fit_bezier`), each evaluated at ``steps`` points with the
+    metrics of ``metrics`` and ``compute.model_mode`` (``recompute_bn`` re-estimates BatchNorm
+    statistics at each point); the loss and error barriers of both definitions are metrics.
+    """
+
+    enabled: bool = False
+    towards: str | None = None  # the other end: a checkpoint path or MLflow URI
+    steps: int = 25  # points on each path, both ends included
+    bezier: bool = True  # also fit and evaluate a Bézier curve
+    fit_steps: int = 200  # optimizer steps of the bend
+    lr: float = 0.05
+    seed: int = 0
+    batch_size: int = 128
+    optimizer: Optimizer = Optimizer.sgd
+    fit_mode: FitMode = FitMode.train
+
+
 @dataclass
 class TrainOptions:
     """Options of the demo training (``python -m pipelines.train train.epochs=50``)."""
@@ -261,6 +294,7 @@ class PipelineConfig:
     plot: PlotConfig = field(default_factory=PlotConfig)
     summary: SummaryConfig = field(default_factory=SummaryConfig)
     curvature: CurvatureConfig = field(default_factory=CurvatureConfig)
+    connectivity: ConnectivityConfig = field(default_factory=ConnectivityConfig)
     compare: bool = True  # run the compare stage at the end of a sweep
     resume: str | None = None  # a landscape.zarr to continue (re-running the same command also resumes)
     stop_after: StageName = StageName.report  # run the stages up to this one (upstream ones are reused)

@@ -12,12 +12,12 @@ from typing import Any
 
 import mlflow
 
-from landscapes.errors import CheckpointNotFoundError
+from landscapes.errors import CheckpointNotFoundError, ConfigurationError
 from pipelines.checkpoint_sources import resolve_checkpoint_file, source_run_of
 from pipelines.config import PipelineConfig
 from pipelines.stages.checkpoint import CheckpointInputs
 
-__all__ = ["checkpoint_inputs", "towards_paths", "trajectory_paths", "origin_inputs", "demo_train_config", "training_run_of", "mlflow_cache_dir"]
+__all__ = ["checkpoint_inputs", "towards_paths", "trajectory_paths", "origin_inputs", "connectivity_towards", "demo_train_config", "training_run_of", "mlflow_cache_dir"]
 
 _MLFLOW_SCHEMES = ("runs:/", "models:/", "mlflow-artifacts:/")
 
@@ -76,6 +76,19 @@ def origin_inputs(cfg: PipelineConfig, uri: str) -> CheckpointInputs | None:
     """The checkpoint of ``directions.origin`` (the shared plane of a sweep), or None."""
     origin = cfg.directions.origin
     return None if origin is None else checkpoint_inputs(cfg, uri, source=origin, key="directions.origin")
+
+
+def connectivity_towards(cfg: PipelineConfig, uri: str) -> Path | None:
+    """The local file of ``connectivity.towards`` when the connectivity stage runs, else None."""
+    c = cfg.connectivity
+    if not c.enabled:
+        return None
+    if not c.towards:
+        raise ConfigurationError(
+            "connectivity.towards is missing: give the checkpoint to connect θ0 to, e.g. "
+            "connectivity.towards=outputs/demo/checkpoints/epoch_000.pt (or a runs:/ URI)."
+        )
+    return checkpoint_inputs(cfg, uri, source=c.towards, key="connectivity.towards").path
 
 
 def _natural(path: Path) -> list[Any]:

@@ -1,7 +1,9 @@
 """The pipeline as a table of stages, and `run_pipeline`, which runs it under one parent run.
 
-checkpoint ──► [curvature] ──► directions ──► evaluate ──► aggregate ──► report (curvature when
-``curvature.enabled``; ``stop_after=curvature`` computes it without a grid). Each row of `STAGES` names a
+checkpoint ──► [curvature] ──► [connectivity] ──► [origin] ──► directions ──► evaluate ──► aggregate ──► report
+(curvature when ``curvature.enabled``, connectivity when ``connectivity.enabled``, origin when
+``directions.origin`` puts the plane through another checkpoint; ``stop_after=curvature`` or
+``stop_after=connectivity`` computes them without a grid). Each row of `STAGES` names a
 stage, the config sections its key covers, the stages it reads, and how its inputs are made;
 `pipelines.driver` computes each key once and reuses or runs the stage as a child run. A new
 stage is one row here and one function in ``pipelines/stages/``.
@@ -24,7 +26,13 @@ from pipelines import tracking
 from pipelines.builders import check_config
 from pipelines.config import PipelineConfig, to_typed
 from pipelines.driver import VERSION, Flow, Stage, run_stages
-from pipelines.inputs import checkpoint_inputs, origin_inputs, towards_paths, trajectory_paths
+from pipelines.inputs import (
+    checkpoint_inputs,
+    connectivity_towards,
+    origin_inputs,
+    towards_paths,
+    trajectory_paths,
+)
 from pipelines.paths import stores_dir
 from pipelines.records import (
     headline_params,
@@ -35,10 +43,12 @@ from pipelines.records import (
     training_step,
 )
 from pipelines.stages import checkpoint as ck_stage
+from pipelines.stages import connectivity as cn_stage
 from pipelines.stages import curvature as cv_stage
 from pipelines.stages import directions as dr_stage
 from pipelines.stages import evaluate as ev_stage
 from pipelines.stages.aggregate import AggregateInputs, aggregate
+from pipelines.stages.connectivity import ConnectivityInputs
 from pipelines.stages.curvature import CurvatureInputs
 from pipelines.stages.directions import DirectionsInputs, HessianDirectionsInputs
 from pipelines.stages.evaluate import EvaluateInputs
@@ -118,6 +128,12 @@ STAGES: tuple[Stage, ...] = (
                                            f.cfg.compute.bn_batches),
           place=lambda f, key: {"out_dir": f.stores / f"curvature-{key[:16]}"},
           intact=lambda f, out: _in_root(f, out.spectrum_json) or cv_stage.intact(out)),
+    Stage("connectivity", cn_stage.connectivity, ("model", "adapters", "data", "metrics", "connectivity"),
+          ("checkpoint",), enabled=lambda cfg: cfg.connectivity.enabled,
+          inputs=lambda f: ConnectivityInputs(f.outputs["checkpoint"].path, f.extra["connectivity_towards"],
+                                              str(f.cfg.compute.model_mode), f.cfg.compute.bn_batches),
+          place=lambda f, key: {"out_dir": f.stores / f"connectivity-{key[:16]}"},
+          intact=lambda f, out: _in_root(f, out.paths_json) or cn_stage.intact(out)),
     Stage("origin", ck_stage.checkpoint, ("model", "checkpoint"), (), inputs=lambda f: f.origin,
           enabled=lambda cfg: cfg.directions.origin is not None,
           identity=_checkpoint_identity, intact=lambda f, out: ck_stage.intact(out)),
@@ -142,7 +158,8 @@ def run_pipeline(cfg: DictConfig, *, sweep_run_id: str | None = None, stages: tu
     exp_id = tracking.launched_experiment() or tracking.get_or_create_experiment(
         c.tracking.experiment, artifact_root=tracking.default_artifact_root(uri, Path(c.paths.artifacts_dir)))
     flow = Flow(c, checkpoint_inputs(c, uri), towards_paths(c, uri), stores_dir(c.paths.root_dir),
-                trajectory=trajectory_paths(c, uri), origin=origin_inputs(c, uri))
+                trajectory=trajectory_paths(c, uri), origin=origin_inputs(c, uri),
+                extra={"connectivity_towards": connectivity_towards(c, uri)})
     tags = {"landscapes.checkpoint": flow.source.source}
     if flow.source.training_run_id:
         tags["landscapes.training_run"] = flow.source.training_run_id

@@ -55,7 +55,7 @@ COMPOSE_ERRORS = [
     ),
     pytest.param(
         ["stop_after=evaluation"], ConfigCompositionException, r"stop_after=evaluation",
-        ValidationError, r"expected one of \[checkpoint, curvature, directions, evaluate, aggregate, report\]",
+        ValidationError, r"expected one of \[checkpoint, curvature, connectivity, directions, evaluate, aggregate, report\]",
         id="unknown-stage",
     ),
     pytest.param(

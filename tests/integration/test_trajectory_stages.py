@@ -3,6 +3,7 @@ trajectory drawn over it, one shared plane for a sweep, mode connectivity, expor
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -100,3 +101,46 @@ def test_per_checkpoint_planes_refuse_differences_naming_the_option(project: Pro
     refusal = next(n for n in result.notes if "difference maps need one shared plane" in n)
     assert "directions.origin=<checkpoint>" in refusal
     assert any(n.startswith("mode: per-checkpoint planes") for n in result.notes)
+
+
+def test_connectivity_preset(project: Project) -> None:
+    import torch
+
+    from pipelines.builders import load_model
+
+    result = project.run("experiment=connectivity", "data.limit=256", "connectivity.fit_steps=10",
+                         "connectivity.steps=5")
+    stages = project.stages(result["run_id"])
+    assert sorted(stages) == ["checkpoint", "connectivity"]  # stop_after=connectivity: no grid
+    run = stages["connectivity"]
+    m = run.data.metrics
+    for path in ("linear", "bezier"):
+        for what in ("loss", "error"):
+            assert m[f"{path}_{what}_barrier_frankle"] >= 0 and m[f"{path}_{what}_barrier_entezari"] >= 0
+    files = project.artifacts(run.info.run_id)
+    assert {"bend.pt", "paths.json", "paths.png"} <= set(files), files
+    record = json.loads(Path(_local(project, run, "paths.json")).read_text())
+    linear = record["paths"]["linear"]
+    assert linear["t"][0] == 0.0 and linear["t"][-1] == 1.0 and len(linear["t"]) == 5
+    # the ends are the two checkpoints' own values, on both paths
+    assert record["paths"]["bezier"]["values"]["loss"][0] == linear["values"]["loss"][0]
+    assert record["paths"]["bezier"]["values"]["loss"][-1] == linear["values"]["loss"][-1]
+    assert m["linear_loss_barrier_frankle"] == pytest.approx(linear["barriers"]["loss"]["frankle"])
+    cfg = project.resolved("experiment=connectivity")
+    bend = load_model(cfg.model, Path(_local(project, run, "bend.pt")), trust_pickle=False)  # a checkpoint
+    start = load_model(cfg.model, project.checkpoint(4), trust_pickle=False)
+    assert any(not torch.equal(p, q) for p, q in zip(bend.parameters(), start.parameters(), strict=True))
+
+
+def test_connectivity_without_towards_says_what_to_give(project: Project) -> None:
+    from landscapes.errors import ConfigurationError
+
+    with pytest.raises(ConfigurationError, match=r"^connectivity\.towards is missing"):
+        project.run("connectivity.enabled=true", "stop_after=connectivity")
+
+
+def _local(project: Project, run, name: str) -> str:
+    import mlflow
+
+    return mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path=name,
+                                               tracking_uri=project.uri)

@@ -253,3 +253,31 @@ def test_fit_bezier_reports_divergence(data):
     x, y = data
     with pytest.raises(L.EvaluationError, match="lower lr"):
         fit_bezier(make_mlp(0), make_mlp(1), lambda out, _: out.sum() * float("inf"), (x, y), steps=3)
+
+
+class _Pair(nn.Module):
+    """A model whose output is a tuple, called on a mapping batch: the adapters' case."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.net(pixels)
+        return out, out.sum()
+
+
+def test_fit_bezier_through_adapters_equals_the_plain_fit(digits):
+    x, y = digits
+    x, y = x[:128], y[:128]
+    a, b = _train(x, y, seed=0, steps=20, hidden=8), _train(x, y, seed=1, steps=20, hidden=8)
+    plain = fit_bezier(a, b, nn.CrossEntropyLoss(), (x, y), steps=5, seed=3, batch_size=32)
+    pa, pb = _Pair(copy.deepcopy(a)), _Pair(copy.deepcopy(b))
+    loader = [({"pixels": x[i : i + 32]}, y[i : i + 32]) for i in range(0, 128, 32)]
+    adapted = fit_bezier(pa, pb, nn.CrossEntropyLoss(), loader, steps=5, seed=3, forward="kwargs", output=0)
+    assert set(adapted.bend) == {f"net.{n}" for n in plain.bend}
+    moved = [not torch.equal(adapted.bend[f"net.{n}"], (plain.start[n] + plain.end[n]) / 2) for n in plain.bend]
+    assert all(moved)  # trained through the adapters
+    again = fit_bezier(pa, pb, nn.CrossEntropyLoss(), loader, steps=5, seed=3, forward="kwargs", output=0)
+    for n in adapted.bend:
+        assert torch.equal(adapted.bend[n], again.bend[n])  # seeded: the same fit again

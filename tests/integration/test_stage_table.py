@@ -35,7 +35,8 @@ def spread(cfg: PipelineConfig, inputs: SpreadInputs) -> SpreadOutputs:
 
 
 SPREAD = Stage("spread", spread, ("summary",), ("evaluate",), inputs=lambda f: SpreadInputs(f.outputs["evaluate"].store))
-WITH_SPREAD = (*STAGES[:4], SPREAD, *STAGES[4:])  # after aggregate, before report
+_AFTER = [s.name for s in STAGES].index("aggregate") + 1
+WITH_SPREAD = (*STAGES[:_AFTER], SPREAD, *STAGES[_AFTER:])  # after aggregate, before report
 
 
 def test_a_new_stage_runs_as_a_child_run_and_is_reused(project) -> None:

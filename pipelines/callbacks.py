@@ -134,6 +134,11 @@ class SweepCallback(Callback):
                     result = comparison.compare(runs, out_dir=out, experiment_id=self.experiment_id, parent_run_id=self.run_id,
                                              log=bool(OmegaConf.select(config, "plot.log", default=True)))
                     print(f"compared {len(result.run_ids)} landscapes: {out} (MLflow run {result.run_id})")
+                    gif = comparison.animate_sweep(runs, out, log=bool(OmegaConf.select(config, "plot.log", default=True)))
+                    if gif is not None:  # a shared-plane sweep: its landscapes as frames, on the sweep's run
+                        for f in (gif, gif.with_suffix(".mp4")):
+                            if f.exists():
+                                MlflowClient().log_artifact(self.run_id, str(f), artifact_path="animation")
         except Exception as err:
             tracking.end_run_quietly(self.run_id, "FAILED", err)
             raise

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+import numpy as np
 from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
@@ -293,3 +294,28 @@ def _write_table(entries: list[_Entry], path: Path, notes: list[str]) -> Path:
     md += [""] + [f"Note: {n}" for n in notes] if notes else []
     path.with_suffix(".md").write_text("\n".join(md) + "\n")
     return path
+
+
+def animate_sweep(runs: list[Run], out_dir: Path, *, log: bool = True) -> Path | None:
+    """A GIF (and an MP4 where ffmpeg is installed) of a shared-plane sweep's landscapes, one frame
+    per checkpoint in training order (the ``epoch`` param, else the order of the runs), one colour
+    scale, the checkpoints' positions on the plane growing frame by frame.
+
+    Returns:
+        The GIF, or None when the sweep is not on one shared plane of 2-D landscapes (then frames
+        would put values from different points of weight space on one set of axes).
+    """
+    from landscapes.animation import animate
+
+    kept, _ = dedupe_by_store(runs)
+    entries = _open(kept)
+    shared = [e for e in entries if e.ndim == 2 and e.mode == "shared" and "loss" in e.ds.data_vars]
+    if len(shared) < 2 or len(shared) != len(entries) or len({e.plane for e in shared}) != 1:
+        return None
+    shared.sort(key=lambda e: float(e.run.data.params.get("epoch", "inf")))
+    subjects = [e.ds.attrs.get("subject") or {} for e in shared]
+    points = [s["coords"][0] for s in subjects if s.get("coords")]
+    trajectory = np.asarray(points, dtype=float) if len(points) == len(shared) else None
+    files = animate([e.ds for e in shared], [e.label for e in shared], out_dir / "loss_sweep.gif", metric="loss",
+                    trajectory=trajectory, log=log)
+    return files["gif"]

@@ -204,6 +204,7 @@ class PlotConfig:
     log: bool = True  # log scale for the loss
     html: bool = True
     metrics: list[str] = field(default_factory=lambda: ["loss", "accuracy"])
+    exports: bool = True  # landscape.nc (NetCDF, xarray) and, for planes, landscape.vts (VTK, ParaView)
 
 
 @dataclass

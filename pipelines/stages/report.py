@@ -6,7 +6,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from landscapes import plots
+import numpy as np
+
+from landscapes import export, plots
 from landscapes.store import LandscapeStore
 from pipelines.config import PipelineConfig
 
@@ -39,7 +41,18 @@ def report(cfg: PipelineConfig, inputs: ReportInputs) -> ReportOutputs:
     for metric in wanted:  # log scale for the loss only: accuracy lives in [0, 1]
         paths += plots.render_all(ds, out_dir, metrics=[metric], log=pcfg.log and metric == "loss", html=pcfg.html)
     paths += _trajectory_plots(ds, [m for m in wanted if ds[m].ndim == 2], out_dir, log=pcfg.log)
-    return ReportOutputs(plots=tuple(paths), artifacts=(out_dir,))
+    exports = _exports(ds, inputs.out_dir / "exports", log=pcfg.log) if pcfg.exports else ()
+    return ReportOutputs(plots=tuple(paths), artifacts=(out_dir, *exports))
+
+
+def _exports(ds: Any, out_dir: Path, *, log: bool) -> tuple[Path, ...]:
+    """The landscape for other tools: ``landscape.nc`` (NetCDF) and, for a plane, ``landscape.vts``
+    (VTK structured grid, the loss as height, log10 with ``plot.log``)."""
+    files = [export.to_netcdf(ds, out_dir / "landscape.nc")]
+    if "loss" in ds.data_vars and ds["loss"].ndim == 2:
+        finite = ds["loss"].values[np.isfinite(ds["loss"].values)]
+        files.append(export.to_vtk(ds, out_dir / "landscape.vts", metric="loss", log=log and bool((finite > 0).any())))
+    return (out_dir,)
 
 
 def _trajectory_plots(ds: Any, metrics: list[str], out_dir: Path, *, log: bool) -> list[Path]:

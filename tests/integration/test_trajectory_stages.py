@@ -3,14 +3,20 @@ trajectory drawn over it, one shared plane for a sweep, mode connectivity, expor
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
+import xarray
+from PIL import Image
 
 from landscapes.directions_store import load_directions
+from landscapes.export import read_vtk
 from landscapes.store import LandscapeStore
+from pipelines.comparison import animate_sweep, compare, pipeline_runs
 from tests.integration.conftest import Project
 
 FAST = ("grid.steps=5", "plot.html=false", "data.limit=256")
@@ -41,6 +47,17 @@ def test_trajectory_pca_preset(project: Project) -> None:
     report = project.stages(result["run_id"])["report"]
     assert "plots/loss_trajectory_log.png" in project.artifacts(report.info.run_id, "plots")
 
+    # exports beside the plots, logged with them: NetCDF that xarray reads, VTK with the same values
+    assert project.artifacts(report.info.run_id, "exports") == ["exports/landscape.nc", "exports/landscape.vts"]
+    exports = Path(result["plots"][0]).parents[1] / "exports"
+    values = store.to_xarray()
+    with xarray.open_dataset(exports / "landscape.nc") as nc:
+        for name in ("loss", "accuracy"):
+            np.testing.assert_array_equal(nc[name].values, values[name].values)
+        np.testing.assert_array_equal(nc["x"].values, values["x"].values)
+    vtk = read_vtk(exports / "landscape.vts")
+    np.testing.assert_array_equal(vtk["loss"].reshape(values["loss"].shape, order="F"), values["loss"].values)
+
 
 def test_pca_without_a_trajectory_says_what_to_give(project: Project) -> None:
     from landscapes.errors import ConfigurationError
@@ -51,18 +68,23 @@ def test_pca_without_a_trajectory_says_what_to_give(project: Project) -> None:
         project.run("directions=pca", "directions.trajectory=[nowhere/epoch_*.pt]", *FAST)
 
 
-def _compare(project: Project, run_ids: list[str], out: Path):
+@contextlib.contextmanager
+def _tracking(project: Project) -> Iterator[None]:
+    """The global tracking URI (what the compare stage reads and logs to) at the project's store."""
     import mlflow
-
-    from pipelines.comparison import compare, pipeline_runs
 
     mp, previous = project.environment(), mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(project.uri)
     try:
-        return compare(pipeline_runs(run_ids=run_ids), out_dir=out, experiment_id=project.experiment_id)
+        yield
     finally:
         mlflow.set_tracking_uri(previous)
         mp.undo()
+
+
+def _compare(project: Project, run_ids: list[str], out: Path):
+    with _tracking(project):
+        return compare(pipeline_runs(run_ids=run_ids), out_dir=out, experiment_id=project.experiment_id)
 
 
 def test_shared_plane_gives_one_plane_and_differences(project: Project, tmp_path: Path) -> None:
@@ -91,9 +113,16 @@ def test_shared_plane_gives_one_plane_and_differences(project: Project, tmp_path
     assert (tmp_path / "shared" / "loss_log_difference.png").exists()
     assert any(n.startswith("mode: shared plane (origin epoch_004)") for n in result.notes), result.notes
 
+    with _tracking(project):
+        gif = animate_sweep(pipeline_runs(run_ids=[r["run_id"] for r in reversed(results)]), tmp_path / "anim")
+    with Image.open(gif) as img:
+        assert img.n_frames == 2  # one frame per checkpoint
+
 
 def test_per_checkpoint_planes_refuse_differences_naming_the_option(project: Project, tmp_path: Path) -> None:
     results = [project.run("debug=default", f"checkpoint.path={project.checkpoint(e)}") for e in (2, 4)]
+    with _tracking(project):  # no animation of landscapes on different planes
+        assert animate_sweep(pipeline_runs(run_ids=[r["run_id"] for r in results]), tmp_path / "anim") is None
     for r in results:
         assert LandscapeStore.open(r["store"], mode="r").attrs["plane"]["mode"] == "per-checkpoint"
     result = _compare(project, [r["run_id"] for r in results], tmp_path / "own")
@@ -144,3 +173,28 @@ def _local(project: Project, run, name: str) -> str:
 
     return mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path=name,
                                                tracking_uri=project.uri)
+
+
+@pytest.mark.slow
+def test_shared_plane_sweep_through_the_cli(project: Project) -> None:
+    """``-m`` over the demo's checkpoints on the plane through the last one: a difference plot on
+    the comparison, and the animation on the sweep's run."""
+    ck = project.checkpoint
+    proc = project.cli("pipelines.run", "-m", "debug=default", f"checkpoint.path={ck(0)},{ck(2)},{ck(4)}",
+                       f"directions.origin={ck(4)}")
+    assert "compared 3 landscapes" in proc.stdout
+    sweep = project.search("tags.`landscapes.kind` = 'sweep'")[0]
+    jobs = project.children(sweep.info.run_id, "pipeline")
+    stores = [LandscapeStore.open(r.data.tags["landscapes.store"], mode="r") for r in jobs]
+    assert len({s.path for s in stores}) == 3
+    first = stores[0]
+    for other in stores[1:]:
+        assert other.attrs["landscapes.plane"] == first.attrs["landscapes.plane"]
+        np.testing.assert_array_equal(other.read_directions(), first.read_directions())
+        for name in ("x", "y"):
+            np.testing.assert_array_equal(other.to_xarray()[name].values, first.to_xarray()[name].values)
+        assert other.attrs["plane"]["origin"] == first.attrs["plane"]["origin"]
+    compare = project.children(sweep.info.run_id, "compare")[0]
+    assert "loss_log_difference.png" in project.artifacts(compare.info.run_id)
+    assert compare.data.tags["landscapes.compare_mode"].startswith("shared plane (origin epoch_004)")
+    assert "animation/loss_sweep.gif" in project.artifacts(sweep.info.run_id, "animation")

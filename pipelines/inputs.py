@@ -69,7 +69,13 @@ def trajectory_paths(cfg: PipelineConfig, uri: str) -> tuple[Path, ...]:
             paths += [checkpoint_inputs(cfg, uri, source=str(f), key=key).path for f in found]
         else:
             paths.append(checkpoint_inputs(cfg, uri, source=entry, key=key).path)
-    return tuple(dict.fromkeys(paths))
+    found = tuple(dict.fromkeys(paths))
+    if cfg.directions.kind == "pca" and len(found) < 2:
+        raise ConfigurationError(
+            f"directions.kind=pca needs the checkpoints of a training run in directions.trajectory, got "
+            f"{len(found)}; give at least two, e.g. directions.trajectory=[outputs/demo/checkpoints/epoch_*.pt]."
+        )
+    return found
 
 
 def origin_inputs(cfg: PipelineConfig, uri: str) -> CheckpointInputs | None:

@@ -16,7 +16,6 @@ import numpy as np
 import torch
 
 import landscapes as L
-from landscapes.errors import ConfigurationError
 from landscapes.plots import checkpoint_name
 from pipelines.builders import load_model
 from pipelines.config import PipelineConfig
@@ -30,11 +29,6 @@ def pca_plane(
 ) -> tuple[list[dict[str, torch.Tensor]], dict[str, Any]]:
     """The first ``dims`` principal directions of ``trajectory`` around ``model`` (θ0 or the origin),
     and what to record with them: explained variance, and the trajectory projected onto the plane."""
-    if len(trajectory) < 2:
-        raise ConfigurationError(
-            f"directions.kind=pca needs the checkpoints of a training run in directions.trajectory, got "
-            f"{len(trajectory)}; give at least two, e.g. directions.trajectory=[outputs/demo/checkpoints/epoch_*.pt]."
-        )
     trust, strict = cfg.checkpoint.trust_pickle, cfg.checkpoint.strict
     states = [load_model(cfg.model, p, trust_pickle=trust, strict=strict) for p in trajectory]
     pca = L.pca_directions(states, reference=model, k=dims, ignore=ignore, normalization=normalization,

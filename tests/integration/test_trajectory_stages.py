@@ -60,12 +60,13 @@ def test_trajectory_pca_preset(project: Project) -> None:
 
 
 def test_pca_without_a_trajectory_says_what_to_give(project: Project) -> None:
-    from landscapes.errors import ConfigurationError
+    from landscapes.errors import CheckpointNotFoundError, ConfigurationError
 
-    with pytest.raises(ConfigurationError, match=r"directions\.trajectory"):
-        project.run("directions=pca", "directions.trajectory=[]", *FAST)
-    with pytest.raises(Exception, match=r"matches no file"):
+    with pytest.raises(ConfigurationError, match=r"^directions\.kind=pca needs the checkpoints of a training run"):
+        project.run("directions=pca", f"directions.trajectory=[{project.checkpoint(2)}]", *FAST)
+    with pytest.raises(CheckpointNotFoundError, match=r"^directions\.trajectory\[0\]='nowhere/epoch_\*\.pt': the pattern matches no file"):
         project.run("directions=pca", "directions.trajectory=[nowhere/epoch_*.pt]", *FAST)
+    assert not project.search("tags.`landscapes.kind` = 'pipeline'")  # refused before any run was opened
 
 
 @contextlib.contextmanager

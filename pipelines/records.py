@@ -75,8 +75,16 @@ def run_title(cfg: PipelineConfig, source: str) -> str:
 
 
 def record_outcome(flow: Flow, seconds: float, *, sweep_run_id: str | None, step: int | None) -> None:
-    """Tag the active pipeline run with what it made and log its figures (on the sweep too, at ``step``)."""
-    out, figures = flow.outputs, {}
+    """Tag the active pipeline run with what it made and log its figures (on the sweep too, at ``step``).
+
+    The figures are the stages' ``outputs.figures`` (the landscape's summary, the curvature at θ0):
+    they describe the result, so they are logged here, once; each stage's run keeps only its own
+    measurements (``outputs.metrics``: seconds, points per second, norms).
+    """
+    out: dict[str, Any] = flow.outputs
+    figures: dict[str, float] = {}
+    for outputs in out.values():
+        figures |= getattr(outputs, "figures", None) or {}
     if "aggregate" in out:
         ev = out["evaluate"]
         mlflow.set_tags({
@@ -85,12 +93,9 @@ def record_outcome(flow: Flow, seconds: float, *, sweep_run_id: str | None, step
             "landscapes.store": str(ev.store),
             "landscapes.grid": "x".join(str(n) for n in ev.shape),
         })
-        figures |= out["aggregate"].metrics
         for p in getattr(out.get("report"), "plots", ()):
             if p.suffix == ".png":
                 mlflow.log_artifact(str(p), artifact_path="plots")
-    if "curvature" in out:
-        figures |= out["curvature"].metrics
     if figures:
         mlflow.log_metrics(figures | {"pipeline_seconds": seconds})
     if figures and sweep_run_id and step is not None:  # the sweep charts the headline figures against the epoch

@@ -99,24 +99,32 @@ def test_params(first) -> None:
 
 
 @pytest.mark.slow
-def test_metrics_on_aggregate_and_parent(first) -> None:
+def test_figures_on_the_pipeline_run_measurements_on_the_stage_runs(first) -> None:
+    """The landscape's figures are logged once, on the pipeline run; each stage run logs what it measured itself."""
     _, result, parent, stages = first
-    agg = stages["aggregate"].data.metrics
+    figures = parent.data.metrics
     for key in SUMMARY_METRICS:
-        assert key in agg, key
-        assert np.isfinite(agg[key]), key
-        assert parent.data.metrics[key] == agg[key], key
-        assert result["summary"][key] == pytest.approx(agg[key]), key
-    assert parent.data.metrics["pipeline_seconds"] > 0
-    assert agg["points"] == 15
-    assert agg["loss_nan_count"] == 0
-    assert agg["loss_min"] <= agg["loss_at_theta0"] <= agg["loss_max"]
-    assert 0 <= agg["accuracy_min"] <= agg["accuracy_at_theta0"] <= agg["accuracy_max"] <= 1
+        assert np.isfinite(figures[key]), key
+        assert result["summary"][key] == pytest.approx(figures[key]), key
+    assert figures["pipeline_seconds"] > 0
+    assert figures["points"] == 15
+    assert figures["loss_nan_count"] == 0
+    assert figures["loss_min"] <= figures["loss_at_theta0"] <= figures["loss_max"]
+    assert 0 <= figures["accuracy_min"] <= figures["accuracy_at_theta0"] <= figures["accuracy_max"] <= 1
+    # the same figures as the store's own summary (written by the aggregate stage)
+    summary = json.loads(stages["aggregate"].data.tags["landscapes.outputs"])["summary"]
+    assert {k: summary[k] for k in SUMMARY_METRICS} == {k: figures[k] for k in SUMMARY_METRICS}
+
+    own = {name: set(run.data.metrics) for name, run in stages.items()}
+    assert own["aggregate"] == {"aggregate_seconds"} and stages["aggregate"].data.metrics["aggregate_seconds"] > 0
     assert stages["checkpoint"].data.metrics["parameter_count"] == 64 * 128 + 128 + 128 * 128 + 128 + 128 * 10 + 10
     assert stages["directions"].data.metrics["direction_0_norm"] > 0
     assert -1 <= stages["directions"].data.metrics["direction_cosine"] <= 1
-    assert stages["evaluate"].data.metrics["tiles_computed"] >= 1
-    assert stages["evaluate"].data.metrics["tiles_reused"] == 0
+    ev = stages["evaluate"].data.metrics
+    assert ev["tiles_computed"] >= 1 and ev["tiles_reused"] == 0
+    assert ev["points_computed"] == 15 and ev["evaluate_seconds"] > 0
+    assert ev["points_per_second"] == pytest.approx(15 / ev["evaluate_seconds"])
+    assert not set(figures) & set().union(*own.values())  # each figure in one place
 
 
 @pytest.mark.slow

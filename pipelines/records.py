@@ -3,19 +3,27 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 from pathlib import Path
 from typing import Any
 
 import mlflow
 import torch
+from mlflow.data.code_dataset_source import CodeDatasetSource
+from mlflow.data.meta_dataset import MetaDataset
+from mlflow.entities import Dataset, DatasetInput, InputTag
+from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
 import landscapes
+from pipelines import tracking
 from pipelines.config import PipelineConfig
 from pipelines.driver import Flow
 from pipelines.stages.checkpoint import CheckpointOutputs
 
-__all__ = ["headline_params", "provenance", "run_title", "training_step", "HEADLINE_METRICS", "record_outcome", "result_of"]
+__all__ = ["headline_params", "provenance", "run_title", "training_step", "HEADLINE_METRICS", "record_outcome", "result_of",
+           "data_fingerprint", "data_input", "log_data_input"]
 
 
 def headline_params(cfg: PipelineConfig) -> dict[str, Any]:
@@ -38,6 +46,33 @@ def provenance(cfg: PipelineConfig, ck: CheckpointOutputs) -> dict[str, Any]:
         "directions_config": plain(cfg.directions), "model_mode": str(cfg.compute.model_mode),
         "versions": {"landscapes": landscapes.__version__, "torch": torch.__version__, "mlflow": mlflow.__version__},
     }
+
+
+def data_fingerprint(cfg: PipelineConfig) -> str:
+    """What selects the evaluated samples (the dataset's config and ``data.limit``), hashed: 16 hex digits.
+
+    The store fingerprint covers the same config (with the batch size); this one names the data alone,
+    so runs on the same samples show the same digest in MLflow's Dataset column.
+    """
+    return tracking.stage_key("data", {"dataset": cfg.data.dataset, "limit": cfg.data.limit}, (), "")[:16]
+
+
+def data_input(cfg: PipelineConfig) -> MetaDataset:
+    """The evaluation data as an MLflow dataset: ``data.name``, its fingerprint as digest, the data config as source."""
+    source = CodeDatasetSource({"dataset": json.dumps(cfg.data.dataset, sort_keys=True, default=str),
+                                "limit": str(cfg.data.limit), "batch_size": str(cfg.data.batch_size)})
+    return MetaDataset(source, name=cfg.data.name, digest=data_fingerprint(cfg))
+
+
+def log_data_input(cfg: PipelineConfig, run_id: str) -> None:
+    """Log the evaluation data as ``run_id``'s dataset input (context ``evaluation``), unless it has it already."""
+    client = MlflowClient()
+    meta = data_input(cfg).to_dict()
+    if any(d.dataset.name == meta["name"] and d.dataset.digest == meta["digest"]
+           for d in client.get_run(run_id).inputs.dataset_inputs):
+        return
+    entity = Dataset(name=meta["name"], digest=meta["digest"], source_type=meta["source_type"], source=meta["source"])
+    client.log_inputs(run_id, [DatasetInput(entity, [InputTag(MLFLOW_DATASET_CONTEXT, "evaluation")])])
 
 
 HEADLINE_METRICS = ("loss_at_theta0", "accuracy_at_theta0", "loss_min", "flat_area_tol0.1", "sharpness_r0.1",
@@ -85,6 +120,9 @@ def record_outcome(flow: Flow, seconds: float, *, sweep_run_id: str | None, step
     figures: dict[str, float] = {}
     for outputs in out.values():
         figures |= getattr(outputs, "figures", None) or {}
+    if "evaluate" in out:  # the stage run that read the data (this pipeline's or the reused one)
+        run = MlflowClient().get_run(mlflow.active_run().info.run_id)
+        log_data_input(flow.cfg, run.data.tags[f"{tracking.TAG_PARENT_STAGE_PREFIX}evaluate"])
     if "aggregate" in out:
         ev = out["evaluate"]
         mlflow.set_tags({

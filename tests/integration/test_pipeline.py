@@ -223,6 +223,31 @@ def test_identical_rerun_reuses_every_stage(first) -> None:
     assert rerun.data.metrics["loss_at_theta0"] == parent.data.metrics["loss_at_theta0"]
 
 
+@pytest.mark.slow
+def test_the_evaluation_data_is_a_dataset_input(first) -> None:
+    """The runs list's Dataset column: the data's name and fingerprint, on the pipeline run and its evaluate run."""
+    project, _, parent, stages = first
+
+    def inputs(run_id: str) -> list[tuple[str, str, str, str, dict]]:
+        return [(d.dataset.name, d.dataset.digest, d.dataset.source_type, {t.key: t.value for t in d.tags}["mlflow.data.context"],
+                 json.loads(d.dataset.source)) for d in project.client.get_run(run_id).inputs.dataset_inputs]
+
+    [(name, digest, kind, context, source)] = inputs(parent.info.run_id)
+    assert (name, kind, context) == ("digits", "code", "evaluation")
+    assert re.fullmatch(r"[0-9a-f]{16}", digest)
+    assert json.loads(source["tags"]["dataset"]) == {"_target_": "pipelines.demo.digits_dataset"}
+    assert source["tags"]["limit"] == "None"  # FIRST: the whole data set
+    assert inputs(stages["evaluate"].info.run_id) == inputs(parent.info.run_id)
+    assert all(inputs(stages[s].info.run_id) == [] for s in STAGES if s != "evaluate")
+
+    again = project.run(*FIRST)  # every stage reused: the same digest, no second input on the reused evaluate run
+    assert inputs(again["run_id"]) == inputs(parent.info.run_id)
+    assert len(inputs(stages["evaluate"].info.run_id)) == 1
+    fewer = project.run("debug=default")  # the first 128 digits: other data, another digest
+    [(name2, digest2, _, _, source2)] = inputs(fewer["run_id"])
+    assert name2 == "digits" and digest2 != digest and source2["tags"]["limit"] == "128"
+
+
 # --- other shapes of run -------------------------------------------------------------------
 
 

@@ -18,12 +18,13 @@ from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
 import landscapes
 from pipelines import tracking
+from pipelines.builders import grid_axes
 from pipelines.config import PipelineConfig
 from pipelines.driver import Flow
 from pipelines.stages.checkpoint import CheckpointOutputs
 
 __all__ = ["headline_params", "provenance", "run_title", "training_step", "HEADLINE_METRICS", "record_outcome", "result_of",
-           "data_fingerprint", "data_input", "log_data_input"]
+           "data_fingerprint", "data_input", "log_data_input", "describe_run"]
 
 
 def headline_params(cfg: PipelineConfig) -> dict[str, Any]:
@@ -102,11 +103,47 @@ def run_title(cfg: PipelineConfig, source: str) -> str:
     d = cfg.directions
     if d.kind == "random":
         how = f"{d.normalization} s{d.seed}"
-    elif d.kind == "hessian":
-        how = "hessian eigenvectors"
     else:
-        how = "towards " + ", ".join(Path(t).stem for t in d.towards)
+        how = _directions_text(cfg)
     return f"{stem} · {grid} {how}"
+
+
+def _directions_text(cfg: PipelineConfig) -> str:
+    d = cfg.directions
+    if d.kind == "hessian":
+        return "hessian eigenvectors"
+    if d.kind != "random":
+        return "towards " + ", ".join(Path(t).stem for t in d.towards)
+    norm = "not normalized" if str(d.normalization) == "none" else f"{d.normalization}-normalized"
+    return f"random, {norm}, seed {d.seed}" + (", orthogonalized" if d.orthogonalize else "")
+
+
+def describe_run(flow: Flow, figures: dict[str, float]) -> str:
+    """The pipeline run's description (Markdown, shown atop its MLflow page): the headline numbers,
+    the grid, the directions, the store."""
+    cfg, out = flow.cfg, flow.outputs
+    name = Path(flow.source.source).stem if ("/" in flow.source.source or "." in flow.source.source) else flow.source.source
+
+    def fig(key: str, label: str, fmt: str = ".4g") -> str | None:
+        return f"{label} **{figures[key]:{fmt}}**" if key in figures else None
+
+    head = [fig("loss_at_theta0", "loss at θ0"), fig("accuracy_at_theta0", "accuracy at θ0", ".2%"),
+            fig("loss_min", "lowest loss on the grid"), fig("lambda_max", "λmax"), fig("hessian_trace", "tr(H)")]
+    lines = [f"**{name}** on {cfg.data.name}" + (f": {', '.join(h for h in head if h)}" if any(head) else "")]
+    if "evaluate" in out:
+        axes = grid_axes(cfg.grid)
+        points = " × ".join(str(len(a)) for a in axes)
+        spans = " × ".join(f"[{a[0]:g}, {a[-1]:g}]" for a in axes)
+        lines.append(f"- grid: {points} points on {spans}; directions: {_directions_text(cfg)}")
+        shape = [fig(f"sharpness_r{cfg.summary.radius:g}", f"sharpness within {cfg.summary.radius:g}"),
+                 fig(f"flat_area_tol{cfg.summary.flat_tolerance:g}", f"flat area (tol {cfg.summary.flat_tolerance:g})", ".2%")]
+        if any(shape):
+            lines.append("- " + ", ".join(s for s in shape if s))
+        lines.append(f"- store: `{out['evaluate'].store}`")
+    last = next(reversed(out), None)
+    if last is not None and last != "report" and cfg.stop_after == last:
+        lines.append(f"- stopped after the {last} stage (stop_after={last})")
+    return "\n".join(lines)
 
 
 def record_outcome(flow: Flow, seconds: float, *, sweep_run_id: str | None, step: int | None) -> None:
@@ -134,6 +171,7 @@ def record_outcome(flow: Flow, seconds: float, *, sweep_run_id: str | None, step
         for p in getattr(out.get("report"), "plots", ()):
             if p.suffix == ".png":
                 mlflow.log_artifact(str(p), artifact_path="plots")
+    mlflow.set_tag("mlflow.note.content", describe_run(flow, figures))
     if figures:
         mlflow.log_metrics(figures | {"pipeline_seconds": seconds})
     if figures and sweep_run_id and step is not None:  # the sweep charts the headline figures against the epoch

@@ -187,6 +187,19 @@ def test_store_matches_configured_grid(first) -> None:
 
 
 @pytest.mark.slow
+def test_the_run_describes_itself(first) -> None:
+    """The description atop the run's MLflow page: the headline numbers, grid, directions and store."""
+    _, result, parent, _ = first
+    m = parent.data.metrics
+    lines = parent.data.tags["mlflow.note.content"].splitlines()
+    assert lines[0] == (f"**{Path(result['checkpoint']).stem}** on digits: loss at θ0 **{m['loss_at_theta0']:.4g}**, "
+                        f"accuracy at θ0 **{m['accuracy_at_theta0']:.2%}**, lowest loss on the grid **{m['loss_min']:.4g}**")
+    assert lines[1] == "- grid: 5 × 3 points on [-1, 1] × [-1, 1]; directions: random, filter-normalized, seed 0"
+    assert lines[2] == f"- flat area (tol 0.1) **{m['flat_area_tol0.1']:.2%}**"  # no sharpness: no neighbour within 0.1
+    assert lines[3] == f"- store: `{result['store']}`"
+
+
+@pytest.mark.slow
 def test_theta0_matches_training_run(first) -> None:
     project, _, parent, stages = first
     client = project.client

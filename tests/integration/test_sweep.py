@@ -133,3 +133,21 @@ def test_runs_are_named_and_charted_against_the_epoch(sweep) -> None:
     assert sorted(by_epoch) == [2, 4]
     for run in runs:
         assert by_epoch[int(run.data.params["epoch"])] == run.data.metrics["loss_at_theta0"]
+
+
+def test_the_sweep_and_its_runs_describe_themselves(sweep) -> None:
+    """The sweep is named by what it sweeps; its description lists the values, each pipeline run its figures."""
+    project, parent, runs = sweep
+    assert parent.info.run_name == "sweep checkpoint.path ×2"
+    sweep_dir = parent.data.tags["landscapes.sweep_dir"]
+    assert parent.data.tags["mlflow.note.content"].splitlines() == [
+        f"Sweeps **checkpoint.path** (2 jobs), started {Path(sweep_dir).name}:",
+        "- checkpoint.path: epoch_002, epoch_004",
+        "- fixed: debug=default",
+        f"- jobs in `{sweep_dir}`; the comparison in `{sweep_dir}/compare` and on this run",
+    ]
+    for run in runs:
+        note = run.data.tags["mlflow.note.content"]
+        assert note.startswith(f"**{Path(run.data.tags['landscapes.checkpoint']).stem}** on digits: "
+                               f"loss at θ0 **{run.data.metrics['loss_at_theta0']:.4g}**"), note
+        assert f"- store: `{run.data.tags['landscapes.store']}`" in note

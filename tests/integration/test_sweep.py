@@ -46,6 +46,12 @@ def test_sweep_parent_and_pipeline_children(sweep) -> None:
     sweep_dir = Path(parent.data.tags["landscapes.sweep_dir"])
     assert sweep_dir.is_relative_to(project.root / "outputs" / "sweeps")
     assert (sweep_dir / "sweep_run_id").read_text().strip() == parent.info.run_id
+    # job folders are named by number and checkpoint, each with its plots and Hydra's record of its overrides
+    jobs = sorted(p.name for p in sweep_dir.iterdir() if p.is_dir() and p.name != "compare")
+    assert jobs == ["0_epoch_002", "1_epoch_004"]
+    for job in jobs:
+        assert list((sweep_dir / job / "plots").glob("loss_contour*.png")), job
+        assert f"{job[2:]}.pt" in (sweep_dir / job / ".hydra" / "overrides.yaml").read_text()
 
     assert len(runs) == 2
     assert sorted(Path(r.data.tags["landscapes.checkpoint"]).name for r in runs) == ["epoch_002.pt", "epoch_004.pt"]

@@ -19,6 +19,7 @@ from landscapes.errors import LandscapesError
 
 ENV_SWEEP_RUN = "LANDSCAPES_SWEEP_RUN_ID"
 SWEEP_RUN_FILE = "sweep_run_id"
+COMPARISON_ARTIFACTS = "comparison"  # where the sweep's run keeps the comparison's plots and table
 
 
 def sweep_run_id() -> str | None:
@@ -88,7 +89,8 @@ def describe_sweep(overrides: list[str], sweep_dir: Path) -> tuple[str, str]:
         lines.append(f"- {key}: {', '.join(shown)}")
     if fixed:
         lines.append(f"- fixed: {' '.join(fixed)}")
-    lines.append(f"- jobs in `{sweep_dir}`; the comparison in `{sweep_dir / 'compare'}` and on this run")
+    lines.append(f"- jobs in `{sweep_dir}`; the comparison in `{sweep_dir / 'compare'}` and in this run's "
+                 f"artifacts, `{COMPARISON_ARTIFACTS}/`")
     return title, "\n".join(lines)
 
 
@@ -166,6 +168,9 @@ class SweepCallback(Callback):
                     out = Path(str(OmegaConf.select(config, "hydra.sweep.dir"))) / "compare"
                     result = comparison.compare(runs, out_dir=out, experiment_id=self.experiment_id, parent_run_id=self.run_id,
                                              log=bool(OmegaConf.select(config, "plot.log", default=True)))
+                    # the sweep's own run shows the comparison too: its plots and table under comparison/
+                    comparison.log_files(result, out, self.run_id, artifact_path=COMPARISON_ARTIFACTS)
+                    MlflowClient().set_tag(self.run_id, "landscapes.compare_run", result.run_id)
                     print(f"compared {len(result.run_ids)} landscapes: {out} (MLflow run {result.run_id})")
         except Exception as err:
             tracking.end_run_quietly(self.run_id, "FAILED", err)

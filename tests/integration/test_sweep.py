@@ -93,6 +93,15 @@ def test_sweep_ends_with_compare_run(sweep, tmp_path: Path) -> None:
         assert float(row["loss_at_theta0"]) == pytest.approx(by_id[row["run_id"]].data.metrics["loss_at_theta0"])
     assert sorted(row["landscape"] for row in rows) == ["epoch_002", "epoch_004"]
 
+    # the sweep's own run carries the comparison: the same plots and table, under comparison/
+    assert parent.data.tags["landscapes.compare_run"] == compare.info.run_id
+    on_sweep = project.artifacts(parent.info.run_id, "comparison")
+    assert on_sweep == [f"comparison/{f}" for f in files]
+    with open(mlflow.artifacts.download_artifacts(run_id=parent.info.run_id, artifact_path="comparison/summary.csv",
+                                                  dst_path=str(tmp_path / "sweep"), tracking_uri=project.uri),
+              newline="") as fh:
+        assert list(csv.DictReader(fh)) == rows
+
 
 def test_compare_cli(sweep, tmp_path: Path) -> None:
     project, parent, runs = sweep
@@ -150,7 +159,7 @@ def test_the_sweep_and_its_runs_describe_themselves(sweep) -> None:
         f"Sweeps **checkpoint.path** (2 jobs), started {Path(sweep_dir).name}:",
         "- checkpoint.path: epoch_002, epoch_004",
         "- fixed: debug=default",
-        f"- jobs in `{sweep_dir}`; the comparison in `{sweep_dir}/compare` and on this run",
+        f"- jobs in `{sweep_dir}`; the comparison in `{sweep_dir}/compare` and in this run's artifacts, `comparison/`",
     ]
     for run in runs:
         note = run.data.tags["mlflow.note.content"]

@@ -92,7 +92,7 @@ def training_step(source: str) -> int | None:
 
 def run_title(cfg: PipelineConfig, source: str) -> str:
     """A short, telling run name: checkpoint · grid · directions (``epoch_010 · plane 21² filter s0``)."""
-    stem = Path(source).stem if ("/" in source or "." in source) else source
+    stem = _short(source)
     if cfg.stop_after == "curvature":
         return f"{stem} · curvature"
     steps = cfg.grid.steps if isinstance(cfg.grid.steps, (list, tuple)) else [cfg.grid.steps] * cfg.grid.dims
@@ -106,6 +106,11 @@ def run_title(cfg: PipelineConfig, source: str) -> str:
     else:
         how = _directions_text(cfg)
     return f"{stem} · {grid} {how}"
+
+
+def _short(source: str) -> str:
+    """A checkpoint's short name: a file's stem (``epoch_010``), other sources as they are."""
+    return Path(source).stem if ("/" in source or "." in source) else source
 
 
 def _directions_text(cfg: PipelineConfig) -> str:
@@ -122,7 +127,7 @@ def describe_run(flow: Flow, figures: dict[str, float]) -> str:
     """The pipeline run's description (Markdown, shown atop its MLflow page): the headline numbers,
     the grid, the directions, the store."""
     cfg, out = flow.cfg, flow.outputs
-    name = Path(flow.source.source).stem if ("/" in flow.source.source or "." in flow.source.source) else flow.source.source
+    name = _short(flow.source.source)
 
     def fig(key: str, label: str, fmt: str = ".4g") -> str | None:
         return f"{label} **{figures[key]:{fmt}}**" if key in figures else None

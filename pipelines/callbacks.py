@@ -19,6 +19,7 @@ from landscapes.errors import LandscapesError
 
 ENV_SWEEP_RUN = "LANDSCAPES_SWEEP_RUN_ID"
 SWEEP_RUN_FILE = "sweep_run_id"
+COMPARISON_ARTIFACTS = "comparison"  # where the sweep's run keeps the comparison's plots and table
 
 
 def sweep_run_id() -> str | None:
@@ -61,6 +62,38 @@ def _multirun() -> bool:
         return False
 
 
+def describe_sweep(overrides: list[str], sweep_dir: Path) -> tuple[str, str]:
+    """The sweep run's name (what it sweeps: ``sweep checkpoint.path ×3``) and its description (Markdown:
+    the values of each swept key, the fixed overrides, where the jobs and the comparison are written)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    swept: list[tuple[str, list[str], str]] = []  # key, values, how many ("" when Hydra expands them later)
+    fixed: list[str] = []
+    for o in OverridesParser.create().parse_overrides(overrides):
+        if not o.is_sweep_override():
+            fixed.append(o.input_line or "")
+            continue
+        try:
+            values = [str(v) for v in o.sweep_string_iterator()]
+            swept.append((o.key_or_group, values, f"×{len(values)}"))
+        except Exception:  # noqa: BLE001 - a glob or an interval: shown as written
+            swept.append((o.key_or_group, [(o.input_line or "?").split("=", 1)[-1]], ""))
+    if not swept:
+        return f"sweep {sweep_dir.name}", f"A multirun of one job ({' '.join(overrides) or 'no overrides'}); jobs in `{sweep_dir}`."
+    title = "sweep " + " × ".join(f"{key} {n}".strip() for key, _, n in swept)
+    jobs = " × ".join(n[1:] for _, _, n in swept) if all(n for _, _, n in swept) else ""
+    lines = [f"Sweeps {' and '.join(f'**{key}**' for key, _, _ in swept)}"
+             + (f" ({jobs} job{'s' if jobs != '1' else ''})" if jobs else "") + f", started {sweep_dir.name}:"]
+    for key, values, _ in swept:
+        shown = [Path(v).stem if key == "checkpoint.path" else v for v in values]
+        lines.append(f"- {key}: {', '.join(shown)}")
+    if fixed:
+        lines.append(f"- fixed: {' '.join(fixed)}")
+    lines.append(f"- jobs in `{sweep_dir}`; the comparison in `{sweep_dir / 'compare'}` and in this run's "
+                 f"artifacts, `{COMPARISON_ARTIFACTS}/`")
+    return title, "\n".join(lines)
+
+
 class SweepCallback(Callback):
     """Creates the tracking store and the sweep's parent run before any job starts.
 
@@ -83,10 +116,12 @@ class SweepCallback(Callback):
             str(OmegaConf.select(config, "tracking.experiment")), artifact_root=tracking.default_artifact_root(uri, artifacts)
         )
         sweep_dir = Path(str(OmegaConf.select(config, "hydra.sweep.dir")))
-        overrides = " ".join(OmegaConf.select(config, "hydra.overrides.task") or [])
+        task = list(OmegaConf.select(config, "hydra.overrides.task") or [])
+        title, description = describe_sweep(task, sweep_dir)
         self.run_id = tracking.start_sweep_run(
-            self.experiment_id, f"sweep {sweep_dir.name}",
-            {"landscapes.sweep_dir": str(sweep_dir), "landscapes.overrides": overrides[:5000]},
+            self.experiment_id, title,
+            {"landscapes.sweep_dir": str(sweep_dir), "landscapes.overrides": " ".join(task)[:5000],
+             "mlflow.note.content": description},
         )
         sweep_dir.mkdir(parents=True, exist_ok=True)
         (sweep_dir / SWEEP_RUN_FILE).write_text(self.run_id + "\n")
@@ -133,6 +168,9 @@ class SweepCallback(Callback):
                     out = Path(str(OmegaConf.select(config, "hydra.sweep.dir"))) / "compare"
                     result = comparison.compare(runs, out_dir=out, experiment_id=self.experiment_id, parent_run_id=self.run_id,
                                              log=bool(OmegaConf.select(config, "plot.log", default=True)))
+                    # the sweep's own run shows the comparison too: its plots and table under comparison/
+                    comparison.log_files(result, out, self.run_id, artifact_path=COMPARISON_ARTIFACTS)
+                    MlflowClient().set_tag(self.run_id, "landscapes.compare_run", result.run_id)
                     print(f"compared {len(result.run_ids)} landscapes: {out} (MLflow run {result.run_id})")
                     gif = comparison.animate_sweep(runs, out, log=bool(OmegaConf.select(config, "plot.log", default=True)))
                     if gif is not None:  # a shared-plane sweep: its landscapes as frames, on the sweep's run

@@ -183,13 +183,21 @@ def compare(runs: list[Run], *, out_dir: Path, experiment_id: str, parent_run_id
                           nested=parent_run_id is not None, parent_run_id=parent_run_id, tags=tags) as run:
         labels = [e.label for n in sorted(groups) for e in groups[n]]
         mlflow.log_params({"runs": len(compared), "labels": ", ".join(labels)[:500], "duplicates": len(duplicates)})
-        for f in [*files, table, table.with_suffix(".md")]:
-            rel = f.parent.relative_to(out_dir)
-            mlflow.log_artifact(str(f), artifact_path=None if rel == Path(".") else str(rel))
         run_id = run.info.run_id
-    return CompareOutputs(run_id=run_id, files=tuple(files), table=table,
-                          run_ids=tuple(r.info.run_id for r in compared),
-                          duplicates=tuple(r.info.run_id for r in duplicates), notes=tuple(notes))
+        result = CompareOutputs(run_id=run_id, files=tuple(files), table=table,
+                                run_ids=tuple(r.info.run_id for r in compared),
+                                duplicates=tuple(r.info.run_id for r in duplicates), notes=tuple(notes))
+        log_files(result, out_dir, run_id)
+    return result
+
+
+def log_files(result: CompareOutputs, out_dir: Path, run_id: str, artifact_path: str = "") -> None:
+    """Log the comparison's plots and summary table (``summary.csv``, ``summary.md``) as artifacts of
+    ``run_id`` under ``artifact_path``, laid out as in ``out_dir`` (a sweep's run carries them too)."""
+    client = MlflowClient()
+    for f in [*result.files, result.table, result.table.with_suffix(".md")]:
+        where = (Path(artifact_path) / f.parent.relative_to(out_dir)).as_posix()
+        client.log_artifact(run_id, str(f), artifact_path=None if where == "." else where)
 
 
 def _open(runs: list[Run]) -> list[_Entry]:

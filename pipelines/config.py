@@ -9,9 +9,11 @@ Hydra composes the config (keys added with Hydra's ``+`` are, by Hydra's design,
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 from dataclasses import dataclass, field
 from enum import StrEnum
+from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
@@ -354,6 +356,22 @@ def _refuse_unknown_keys(node: Any, schema: type, prefix: str) -> None:
             _refuse_unknown_keys(node._get_node(key), sub, f"{full}.")
 
 
+def job_name(checkpoint: Any) -> str:
+    """A sweep job's folder name after its checkpoint (``conf/hydra/default.yaml`` puts the job number
+    before it): the file's stem, a URI's path, ``demo`` for the demo's latest; safe characters only.
+
+    >>> job_name("outputs/demo/checkpoints/epoch_010.pt"), job_name("runs:/0a1b/model"), job_name(None)
+    ('epoch_010', 'runs_0a1b_model', 'demo')
+    """
+    if checkpoint is None or str(checkpoint) in ("", "None"):
+        return "demo"
+    text = str(checkpoint)
+    text = re.sub(r":/+", "_", text) if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:/", text) else Path(text).stem
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._-")[:60] or "checkpoint"
+
+
 def register_configs() -> None:
-    """Store the schema as ``base_config`` (idempotent)."""
+    """Store the schema as ``base_config`` and the ``landscapes.job_name`` resolver (idempotent)."""
     ConfigStore.instance().store(name="base_config", node=PipelineConfig)
+    if not OmegaConf.has_resolver("landscapes.job_name"):
+        OmegaConf.register_new_resolver("landscapes.job_name", job_name)

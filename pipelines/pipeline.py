@@ -36,6 +36,7 @@ from pipelines.inputs import (
 from pipelines.paths import stores_dir
 from pipelines.records import (
     headline_params,
+    log_data_input,
     provenance,
     record_outcome,
     result_of,
@@ -169,6 +170,7 @@ def run_pipeline(cfg: DictConfig, *, sweep_run_id: str | None = None, stages: tu
                                      parent_run_id=sweep_run_id) as run:
         mlflow.log_dict(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True), "config.yaml")
         tracking.log_params(headline_params(c) | ({"epoch": step} if step is not None else {}))
+        log_data_input(c, run.info.run_id)  # the runs list's Dataset column
         run_stages(stages, flow, parent_run_id=run.info.run_id, experiment_id=exp_id)
         record_outcome(flow, time.perf_counter() - started, sweep_run_id=sweep_run_id, step=step)
     return result_of(run.info.run_id, flow)

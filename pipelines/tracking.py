@@ -460,9 +460,10 @@ def run_stage(
     and whose ``Path`` fields all still exist. Otherwise a nested run named ``name`` is
     opened under ``parent_run_id``; it logs ``params`` (flattened), calls ``fn(cfg, inputs)``,
     logs the outputs as JSON (tag ``landscapes.outputs`` and artifact ``outputs.json``),
-    the numbers in ``outputs.metrics`` as metrics, the files and folders in
-    ``outputs.artifacts`` as artifacts (at the artifact root, folders under their own name),
-    and sets the stage-key tag last. Either way the parent gets the tag
+    the numbers in ``outputs.metrics`` as metrics (the stage's own measurements; its
+    ``outputs.figures``, which describe the result, are the pipeline run's to log), the files and
+    folders in ``outputs.artifacts`` as artifacts (at the artifact root, folders under their own
+    name), and sets the stage-key tag last. Either way the parent gets the tag
     ``landscapes.stage_run.<name> = <run id>``.
 
     Args:

@@ -1,6 +1,8 @@
 #!/usr/bin/env node
 // Retake the MLflow UI screenshots used in the README (mlflow_runs.png,
-// mlflow_plot.png, mlflow_compare.png). See docs/images/README.md for the
+// mlflow_plot.png, mlflow_compare.png, mlflow_chart.png: the sweep's figures
+// against the epoch). tests/browser/test_mlflow_ui.py runs it when
+// LANDSCAPES_SCREENSHOTS names a folder. See docs/images/README.md for the
 // whole procedure (install, server, this script).
 //
 // Needs playwright-core (npm, in a scratch folder outside the repository; run
@@ -20,7 +22,8 @@
 //   PLOT_ARTIFACT     artifact of the pipeline run
 //                                       [plots/loss_contour_filled_log.png]
 //   COMPARE_ARTIFACT  artifact of the compare run   [loss_log_comparison.png]
-//   SHOTS             which to take, comma separated   [runs,plot,compare]
+//   SHOTS             which to take, comma separated
+//                                         [runs,plot,compare,chart]
 //   OUT_DIR           where the PNGs go          [this script's directory]
 //   CHROMIUM          browser executable                  [/usr/bin/chromium]
 //   WIDTH, HEIGHT     viewport                                   [1600, 900]
@@ -51,7 +54,7 @@ const cfg = {
   compareRunId: argv[3] || env.COMPARE_RUN_ID || '',
   plotArtifact: env.PLOT_ARTIFACT || 'plots/loss_contour_filled_log.png',
   compareArtifact: env.COMPARE_ARTIFACT || 'loss_log_comparison.png',
-  shots: (env.SHOTS || 'runs,plot,compare').split(',').map((s) => s.trim()).filter(Boolean),
+  shots: (env.SHOTS || 'runs,plot,compare,chart').split(',').map((s) => s.trim()).filter(Boolean),
   outDir: env.OUT_DIR || __dirname,
   chromium: env.CHROMIUM || '/usr/bin/chromium',
   width: Number(env.WIDTH || 1600),
@@ -137,11 +140,11 @@ async function shotRuns(ctx) {
   await rowButton(page, cfg.pipelineRunId).click();
   if (cfg.stageName) await page.getByRole('link', { name: cfg.stageName, exact: true }).first().waitFor();
 
-  // columns: drop Dataset/Models, add the headline metrics and the stage tag
+  // columns: drop Models, add the headline metrics and the stage tag (Dataset stays: the data's name and digest)
   await page.getByRole('button', { name: 'Columns', exact: true }).click();
   const dlg = page.locator('[role=dialog]').first();
   await dlg.waitFor();
-  for (const name of ['Dataset', 'Models', 'loss_at_theta0', 'accuracy_at_theta0', 'sharpness_r0.1', 'landscapes.stage']) {
+  for (const name of ['Models', 'loss_at_theta0', 'accuracy_at_theta0', 'sharpness_r0.1', 'landscapes.stage']) {
     await dlg.getByPlaceholder('Search columns').fill(name);
     await page.waitForTimeout(300);
     const item = dlg.getByText(name, { exact: true }).first();
@@ -185,6 +188,20 @@ async function shotArtifact(ctx, runId, artifact, file) {
   await page.close();
 }
 
+// the sweep run's "Model metrics" tab: each headline figure against the step (the epoch)
+async function shotChart(ctx) {
+  const page = await newPage(ctx);
+  const url = `${cfg.base}/#/experiments/${cfg.experimentId}/runs/${cfg.sweepRunId}/model-metrics?workflowType=machine_learning`;
+  await page.goto(url, { timeout: TIMEOUT });
+  await page.getByText('loss_at_theta0', { exact: true }).first().waitFor();
+  await page.waitForFunction(() => document.querySelectorAll('.scatterlayer .point').length > 0, null, { timeout: TIMEOUT });
+  await settle(page);
+  const out = path.join(cfg.outDir, 'mlflow_chart.png');
+  await page.screenshot({ path: out });
+  console.log('wrote', out);
+  await page.close();
+}
+
 (async () => {
   await resolve();
   console.log(JSON.stringify(cfg, null, 1));
@@ -210,6 +227,10 @@ async function shotArtifact(ctx, runId, artifact, file) {
     if (cfg.shots.includes('compare')) {
       if (!cfg.compareRunId) console.warn('no compare run; mlflow_compare.png skipped');
       else await shotArtifact(ctx, cfg.compareRunId, cfg.compareArtifact, 'mlflow_compare.png');
+    }
+    if (cfg.shots.includes('chart')) {
+      if (!cfg.sweepRunId) console.warn('no sweep run; mlflow_chart.png skipped');
+      else await shotChart(ctx);
     }
   } finally {
     await ctx.close();

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,13 +28,19 @@ class AggregateInputs:
 class AggregateOutputs:
     store: Path
     summary: dict[str, Any]
-    metrics: dict[str, float] = field(default_factory=dict)
+    figures: dict[str, float]  # the landscape's finite summary figures: logged on the pipeline run, not here
+    metrics: dict[str, float] = field(default_factory=dict)  # this stage's own measurements
     artifacts: tuple[Path, ...] = ()
 
 
 def aggregate(cfg: PipelineConfig, inputs: AggregateInputs) -> AggregateOutputs:
     """Summary metrics: values at θ0, the minimum and where, grid sharpness (absolute and relative,
-    θ0 excluded; absent when no other point lies within ``summary.radius``), flat area, NaN counts."""
+    θ0 excluded; absent when no other point lies within ``summary.radius``), flat area, NaN counts.
+
+    The figures describe the landscape, so the pipeline run carries them (once, where the runs list
+    compares them); this stage's run logs only how long it took.
+    """
+    started = time.perf_counter()
     store = LandscapeStore.open(inputs.store, mode="r+")
     if not store.is_complete():
         missing = len(store.missing_tiles())
@@ -43,8 +50,9 @@ def aggregate(cfg: PipelineConfig, inputs: AggregateInputs) -> AggregateOutputs:
         )
     summary = summarize(store, radius=cfg.summary.radius, flat_tolerance=cfg.summary.flat_tolerance)
     store.update_attrs({"summary": {k: (v if _finite(v) else str(v)) for k, v in summary.items()}})
-    metrics = {k: float(v) for k, v in summary.items() if isinstance(v, (int, float)) and _finite(v)}
-    return AggregateOutputs(store=inputs.store, summary=summary, metrics=metrics, artifacts=(inputs.store,))
+    figures = {k: float(v) for k, v in summary.items() if isinstance(v, (int, float)) and _finite(v)}
+    return AggregateOutputs(store=inputs.store, summary=summary, figures=figures,
+                            metrics={"aggregate_seconds": time.perf_counter() - started}, artifacts=(inputs.store,))
 
 
 def summarize(store: LandscapeStore, *, radius: float, flat_tolerance: float) -> dict[str, Any]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,12 +51,14 @@ class ConnectivityOutputs:
     paths_json: Path
     paths_png: Path
     bend: Path | None  # the fitted bend as a checkpoint (None without connectivity.bezier)
-    metrics: dict[str, float] = field(default_factory=dict)
+    figures: dict[str, float]  # the barriers: logged on the pipeline run (and a sweep's, against the epoch)
+    metrics: dict[str, float] = field(default_factory=dict)  # this stage's own cost
     artifacts: tuple[Path, ...] = ()
 
 
 def connectivity(cfg: PipelineConfig, inputs: ConnectivityInputs) -> ConnectivityOutputs:
     """Evaluate the straight path (and the fitted Bézier curve) from θ0 to ``inputs.towards``."""
+    started = time.perf_counter()
     c = cfg.connectivity
     trust, strict = cfg.checkpoint.trust_pickle, cfg.checkpoint.strict
     device = as_device(cfg.compute.device)
@@ -92,7 +95,8 @@ def connectivity(cfg: PipelineConfig, inputs: ConnectivityInputs) -> Connectivit
     }, indent=1, default=str))
     _plot(paths, png, title=f"{checkpoint_name(str(inputs.checkpoint))} → {checkpoint_name(str(inputs.towards))}")
     files = (png, js) + ((bend_path,) if bend_path else ())
-    return ConnectivityOutputs(paths_json=js, paths_png=png, bend=bend_path, metrics=figures, artifacts=files)
+    return ConnectivityOutputs(paths_json=js, paths_png=png, bend=bend_path, figures=figures,
+                              metrics={"connectivity_seconds": time.perf_counter() - started}, artifacts=files)
 
 
 def _barrier_metrics(paths: dict[str, L.PathValues]) -> dict[str, float]:

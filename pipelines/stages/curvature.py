@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,7 +44,8 @@ class CurvatureInputs:
 class CurvatureOutputs:
     spectrum_json: Path  # SLQ nodes and weights, the eigenvalues, how they were computed
     spectrum_png: Path  # the spectral density
-    metrics: dict[str, float] = field(default_factory=dict)
+    figures: dict[str, float]  # the curvature at θ0: logged on the pipeline run (and a sweep's, against the epoch)
+    metrics: dict[str, float] = field(default_factory=dict)  # this stage's own cost: seconds, Hessian-vector products
     artifacts: tuple[Path, ...] = ()
 
 
@@ -62,7 +64,9 @@ def loss_metric(cfg: PipelineConfig) -> tuple[L.Loss, Any, Any]:
 
 
 def curvature(cfg: PipelineConfig, inputs: CurvatureInputs) -> CurvatureOutputs:
-    """The curvature figures at θ0 (metrics) and the spectral density (artifacts)."""
+    """The curvature figures at θ0 (figures, for the pipeline run), the stage's cost (metrics) and
+    the spectral density (artifacts)."""
+    started = time.perf_counter()
     c = cfg.curvature
     model = load_model(cfg.model, inputs.checkpoint, trust_pickle=cfg.checkpoint.trust_pickle, strict=cfg.checkpoint.strict)
     model = model.to(as_device(cfg.compute.device))
@@ -96,7 +100,9 @@ def curvature(cfg: PipelineConfig, inputs: CurvatureInputs) -> CurvatureOutputs:
         "metrics": metrics,
     }, indent=1, default=str))
     _plot_density(spectrum, summary, png)
-    return CurvatureOutputs(spectrum_json=js, spectrum_png=png, metrics=metrics, artifacts=(png, js))
+    cost = {"hessian_vector_products": metrics.pop("hessian_vector_products", 0.0),
+            "curvature_seconds": time.perf_counter() - started}
+    return CurvatureOutputs(spectrum_json=js, spectrum_png=png, figures=metrics, metrics=cost, artifacts=(png, js))
 
 
 def _plot_density(spectrum: L.SpectralDensity, summary: L.CurvatureSummary, path: Path) -> None:

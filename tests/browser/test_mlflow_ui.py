@@ -4,6 +4,12 @@ Skips cleanly without a browser: it needs ``chromium`` (``$CHROMIUM`` or on ``PA
 and the npm package ``playwright-core`` in ``$PLAYWRIGHT_NODE_PATH``, ``$NODE_PATH`` or
 ``/tmp/shot/node_modules`` (see ``/work/shared/mlflow-ui-in-a-browser.md`` and
 ``docs/images/README.md`` for installing them; nothing goes into the repository).
+
+With ``LANDSCAPES_SCREENSHOTS=<folder>`` (e.g. ``docs/images``) the sweep's grid is 21×21 and the
+test also takes the README's screenshots there with ``docs/images/capture_mlflow_ui.js``:
+``mlflow_runs.png`` (the runs list, the sweep and one pipeline run expanded), ``mlflow_plot.png``
+(a pipeline run's filled contour), ``mlflow_compare.png`` (the comparison on the sweep's run) and
+``mlflow_chart.png`` (the sweep's figures against the epoch).
 """
 
 from __future__ import annotations
@@ -20,14 +26,16 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import Project
+from tests.integration.conftest import REPO, Project
 
 TIMEOUT_MS = 45_000
+SHOTS_ENV = "LANDSCAPES_SCREENSHOTS"
+SHOTS = ("mlflow_runs.png", "mlflow_plot.png", "mlflow_compare.png", "mlflow_chart.png")
 
 SCRIPT = r"""
 const { chromium } = require('playwright-core');
 const fs = require('fs'), os = require('os'), path = require('path');
-const [base, experimentId, sweepRunId, sweepName, childName, exe] = process.argv.slice(2);
+const [base, experimentId, sweepRunId, sweepName, childName, childRunId, exe] = process.argv.slice(2);
 (async () => {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'mlflow-ui-test-'));
   const ctx = await chromium.launchPersistentContext(dir, {
@@ -49,7 +57,26 @@ const [base, experimentId, sweepRunId, sweepName, childName, exe] = process.argv
     const collapsed = await names(page);
     await page.locator(`[role=row][row-id="${sweepRunId}"] button`).first().click();
     await page.getByRole('link', { name: childName, exact: true }).first().waitFor();
-    console.log(JSON.stringify({ collapsed, expanded: await names(page) }));
+    const expanded = await names(page);
+    // the sweep's chart view: loss at θ0 against the step (the epoch), one point per checkpoint
+    await page.goto(`${base}/#/experiments/${experimentId}/runs/${sweepRunId}/model-metrics?workflowType=machine_learning`);
+    await page.getByText('loss_at_theta0', { exact: true }).first().waitFor();
+    await page.waitForFunction(() => document.querySelectorAll('.scatterlayer .point').length > 0);
+    const chart = await page.evaluate(() => {
+      const title = [...document.querySelectorAll('*')].find((e) => !e.children.length && e.textContent.trim() === 'loss_at_theta0');
+      let card = title;
+      while (card && !card.querySelector('.js-plotly-plot')) card = card.parentElement;
+      return card ? { points: card.querySelectorAll('.scatterlayer .point').length,
+                      xticks: [...card.querySelectorAll('.xtick text')].map((e) => e.textContent) } : null;
+    });
+    // one pipeline run's report plot, rendered in the artifact view
+    await page.goto(`${base}/#/experiments/${experimentId}/runs/${childRunId}/artifacts/plots/loss_contour_filled_log.png?workflowType=machine_learning`);
+    await page.waitForFunction(() => {
+      const img = document.querySelector('img.rc-image-img');
+      return img && img.complete && img.naturalWidth > 0;
+    });
+    const plotWidth = await page.evaluate(() => document.querySelector('img.rc-image-img').naturalWidth);
+    console.log(JSON.stringify({ collapsed, expanded, chart, plotWidth }));
   } finally {
     await ctx.close();
     fs.rmSync(dir, { recursive: true, force: true });
@@ -95,11 +122,15 @@ def _wait_healthy(url: str, server: subprocess.Popen, seconds: float = 90) -> No
 @pytest.mark.slow
 def test_runs_list_shows_sweep_with_named_pipeline_runs_and_comparison(project: Project, tmp_path: Path) -> None:
     chromium, node, env = _browser()
-    ckpts = ",".join(str(project.checkpoint(e)) for e in (0, 2))
-    project.cli("pipelines.run", "-m", f"checkpoint.path={ckpts}", "debug=default")
+    shots = os.environ.get(SHOTS_ENV)
+    steps = 21 if shots else 5  # the README's screenshots show the default grid
+    ckpts = ",".join(str(project.checkpoint(e)) for e in (0, 2, 4))
+    project.cli("pipelines.run", "-m", f"checkpoint.path={ckpts}", "debug=default", f"grid.steps={steps}")
     (sweep,) = project.search("tags.`landscapes.kind` = 'sweep'")
-    names = {r.info.run_name for r in project.children(sweep.info.run_id)}
-    assert names == {"epoch_000 · plane 5² filter s0", "epoch_002 · plane 5² filter s0", "compare 2 landscapes"}
+    children = project.children(sweep.info.run_id)
+    names = {r.info.run_name for r in children}
+    pipelines = [f"epoch_{e:03d} · plane {steps}² filter s0" for e in (0, 2, 4)]
+    assert names == {*pipelines, "compare 3 landscapes"}
 
     port = _free_port()
     base = f"http://127.0.0.1:{port}"
@@ -113,13 +144,16 @@ def test_runs_list_shows_sweep_with_named_pipeline_runs_and_comparison(project: 
         _wait_healthy(base, server)
         script = tmp_path / "runs_list.js"
         script.write_text(SCRIPT)
+        child = next(r.info.run_id for r in children if r.info.run_name == pipelines[1])
         proc = subprocess.run(
-            [node, str(script), base, project.experiment_id, sweep.info.run_id, sweep.info.run_name,
-             "epoch_002 · plane 5² filter s0", chromium],
-            env=env, capture_output=True, text=True, timeout=180,
+            [node, str(script), base, project.experiment_id, sweep.info.run_id, sweep.info.run_name, pipelines[1], child,
+             chromium],
+            env=env, capture_output=True, text=True, timeout=240,
         )
         assert proc.returncode == 0, proc.stderr[-4000:]
         seen = json.loads(proc.stdout.strip().splitlines()[-1])
+        if shots:
+            _screenshots(Path(shots), node, env, base, project, sweep.info.run_id, child, chromium)
     finally:
         server.terminate()
         try:
@@ -127,7 +161,27 @@ def test_runs_list_shows_sweep_with_named_pipeline_runs_and_comparison(project: 
         except subprocess.TimeoutExpired:
             server.kill()
         log.close()
+    assert sweep.info.run_name == "sweep checkpoint.path ×3"
     assert sweep.info.run_name in seen["collapsed"]
     assert "epoch_000 · plane 5² filter s0" not in seen["collapsed"]  # nested under the sweep
     for name in names:
         assert name in seen["expanded"], seen["expanded"]
+    assert seen["chart"]["points"] == 3, seen["chart"]  # epochs 0, 2, 4
+    assert seen["chart"]["xticks"][0] == "0" and seen["chart"]["xticks"][-1] == "4", seen["chart"]
+    assert seen["plotWidth"] > 300
+
+
+def _screenshots(out: Path, node: str, env: dict[str, str], base: str, project: Project, sweep_id: str,
+                 pipeline_id: str, chromium: str) -> None:
+    """The README's screenshots, by ``docs/images/capture_mlflow_ui.js``, into ``out``."""
+    out = out if out.is_absolute() else REPO / out
+    out.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.run(
+        [node, str(REPO / "docs" / "images" / "capture_mlflow_ui.js"), base, project.experiment_id, pipeline_id, sweep_id],
+        env=env | {"OUT_DIR": str(out), "SWEEP_RUN_ID": sweep_id, "CHROMIUM": chromium,
+                   "COMPARE_ARTIFACT": "comparison/loss_log_comparison.png"},
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    for name in SHOTS:
+        assert (out / name).stat().st_size > 20_000, name  # a blank page is a few KB

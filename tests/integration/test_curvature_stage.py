@@ -37,7 +37,11 @@ def test_the_stage_runs_as_a_child_run_matches_the_library_and_is_reused(project
     assert sorted(stages) == ["checkpoint", "curvature"]  # stop_after=curvature: no grid
     run = stages["curvature"]
     assert run.info.status == "FINISHED"
-    m = run.data.metrics
+    # the figures are the pipeline run's; the stage run logs its own cost only
+    parent = project.client.get_run(first["run_id"])
+    m = parent.data.metrics
+    assert set(run.data.metrics) == {"curvature_seconds", "hessian_vector_products"}
+    assert run.data.metrics["curvature_seconds"] > 0 and run.data.metrics["hessian_vector_products"] > 10
     for key in FIGURES:
         assert key in m and math.isfinite(m[key]), key
     assert m["lambda_max"] > 0 and m["lambda_max"] >= abs(m["lambda_min"])  # near a minimum: top curvature dominates
@@ -54,10 +58,6 @@ def test_the_stage_runs_as_a_child_run_matches_the_library_and_is_reused(project
     assert m["lambda_max"] == pytest.approx(float(eig.eigenvalues[0]), rel=1e-6)
     assert m["lambda_min"] == pytest.approx(float(eig.eigenvalues[-1]), rel=1e-6)
 
-    # the figures reach the pipeline run
-    parent = project.client.get_run(first["run_id"])
-    for key in FIGURES:
-        assert parent.data.metrics[key] == m[key], key
     assert "landscapes.store" not in parent.data.tags
 
     second = project.run(*CURVATURE_ONLY)
@@ -101,10 +101,10 @@ def test_hessian_plane_runs_end_to_end(project: Project) -> None:
     assert [round(float(n), 5) for n in (flat.astype("float64") ** 2).sum(1)] == [1.0, 1.0]  # unit eigenvectors
     eigenvalues = attrs["eigenvalues"]
     assert eigenvalues[0] >= eigenvalues[1]
-    curv = stages["curvature"].data.metrics
+    curv = project.client.get_run(result["run_id"]).data.metrics
     assert eigenvalues[0] == pytest.approx(curv["lambda_max"], rel=1e-3)
     assert stages["directions"].data.metrics["direction_0_eigenvalue"] == pytest.approx(eigenvalues[0])
-    assert project.client.get_run(result["run_id"]).data.metrics["lambda_max"] == curv["lambda_max"]
+    assert "lambda_max" not in stages["curvature"].data.metrics
     # the key covers the data: another limit, other eigenvectors
     other = project.run("experiment=hessian_plane", "debug=default", *FAST, "data.limit=64")
     assert other["directions"] != result["directions"]
@@ -112,12 +112,12 @@ def test_hessian_plane_runs_end_to_end(project: Project) -> None:
 
 def test_grid_sharpness_excludes_theta0(project: Project) -> None:
     coarse = project.run("debug=default")  # 5×5 on [-1, 1]: no point other than θ0 within 0.1
-    agg = project.stages(coarse["run_id"])["aggregate"].data.metrics
+    agg = project.client.get_run(coarse["run_id"]).data.metrics
     assert "sharpness_r0.1" not in agg and "sharpness_rel_r0.1" not in agg  # absent, not 0.0
     assert "sharpness_r0.1" not in coarse["summary"]
 
     fine = project.run("debug=default", "summary.radius=0.5")  # the 4 neighbours at 0.5
-    agg = project.stages(fine["run_id"])["aggregate"].data.metrics
+    agg = project.client.get_run(fine["run_id"]).data.metrics
     loss = LandscapeStore.open(fine["store"], mode="r").read("loss")
     neighbours = [loss[1, 2], loss[3, 2], loss[2, 1], loss[2, 3]]
     assert agg["sharpness_r0.5"] == pytest.approx(float(np.mean(neighbours) - loss[2, 2]))

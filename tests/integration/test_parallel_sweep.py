@@ -52,6 +52,10 @@ def test_eight_parallel_jobs_share_one_sqlite_store(tmp_path: Path) -> None:
     assert {r.info.status for r in pipelines} == {"FINISHED"}
     assert {r.data.tags.get("mlflow.parentRunId") for r in pipelines} == {sweeps[0].info.run_id}
     assert not [r for r in runs if r.info.status != "FINISHED"], "a run failed or was left RUNNING"
+    # one folder per job, named by number and checkpoint (the same checkpoint: the number keeps them apart)
+    (sweep_dir,) = (tmp_path / "outputs" / "sweeps").iterdir()
+    assert sorted(p.name for p in sweep_dir.iterdir() if p.is_dir() and p.name != "compare") == sorted(
+        f"{i}_mlp" for i in range(JOBS))
 
     seeds_seen = set()
     for p in pipelines:

@@ -99,24 +99,32 @@ def test_params(first) -> None:
 
 
 @pytest.mark.slow
-def test_metrics_on_aggregate_and_parent(first) -> None:
+def test_figures_on_the_pipeline_run_measurements_on_the_stage_runs(first) -> None:
+    """The landscape's figures are logged once, on the pipeline run; each stage run logs what it measured itself."""
     _, result, parent, stages = first
-    agg = stages["aggregate"].data.metrics
+    figures = parent.data.metrics
     for key in SUMMARY_METRICS:
-        assert key in agg, key
-        assert np.isfinite(agg[key]), key
-        assert parent.data.metrics[key] == agg[key], key
-        assert result["summary"][key] == pytest.approx(agg[key]), key
-    assert parent.data.metrics["pipeline_seconds"] > 0
-    assert agg["points"] == 15
-    assert agg["loss_nan_count"] == 0
-    assert agg["loss_min"] <= agg["loss_at_theta0"] <= agg["loss_max"]
-    assert 0 <= agg["accuracy_min"] <= agg["accuracy_at_theta0"] <= agg["accuracy_max"] <= 1
+        assert np.isfinite(figures[key]), key
+        assert result["summary"][key] == pytest.approx(figures[key]), key
+    assert figures["pipeline_seconds"] > 0
+    assert figures["points"] == 15
+    assert figures["loss_nan_count"] == 0
+    assert figures["loss_min"] <= figures["loss_at_theta0"] <= figures["loss_max"]
+    assert 0 <= figures["accuracy_min"] <= figures["accuracy_at_theta0"] <= figures["accuracy_max"] <= 1
+    # the same figures as the store's own summary (written by the aggregate stage)
+    summary = json.loads(stages["aggregate"].data.tags["landscapes.outputs"])["summary"]
+    assert {k: summary[k] for k in SUMMARY_METRICS} == {k: figures[k] for k in SUMMARY_METRICS}
+
+    own = {name: set(run.data.metrics) for name, run in stages.items()}
+    assert own["aggregate"] == {"aggregate_seconds"} and stages["aggregate"].data.metrics["aggregate_seconds"] > 0
     assert stages["checkpoint"].data.metrics["parameter_count"] == 64 * 128 + 128 + 128 * 128 + 128 + 128 * 10 + 10
     assert stages["directions"].data.metrics["direction_0_norm"] > 0
     assert -1 <= stages["directions"].data.metrics["direction_cosine"] <= 1
-    assert stages["evaluate"].data.metrics["tiles_computed"] >= 1
-    assert stages["evaluate"].data.metrics["tiles_reused"] == 0
+    ev = stages["evaluate"].data.metrics
+    assert ev["tiles_computed"] >= 1 and ev["tiles_reused"] == 0
+    assert ev["points_computed"] == 15 and ev["evaluate_seconds"] > 0
+    assert ev["points_per_second"] == pytest.approx(15 / ev["evaluate_seconds"])
+    assert not set(figures) & set().union(*own.values())  # each figure in one place
 
 
 @pytest.mark.slow
@@ -179,6 +187,19 @@ def test_store_matches_configured_grid(first) -> None:
 
 
 @pytest.mark.slow
+def test_the_run_describes_itself(first) -> None:
+    """The description atop the run's MLflow page: the headline numbers, grid, directions and store."""
+    _, result, parent, _ = first
+    m = parent.data.metrics
+    lines = parent.data.tags["mlflow.note.content"].splitlines()
+    assert lines[0] == (f"**{Path(result['checkpoint']).stem}** on digits: loss at θ0 **{m['loss_at_theta0']:.4g}**, "
+                        f"accuracy at θ0 **{m['accuracy_at_theta0']:.2%}**, lowest loss on the grid **{m['loss_min']:.4g}**")
+    assert lines[1] == "- grid: 5 × 3 points on [-1, 1] × [-1, 1]; directions: random, filter-normalized, seed 0"
+    assert lines[2] == f"- flat area (tol 0.1) **{m['flat_area_tol0.1']:.2%}**"  # no sharpness: no neighbour within 0.1
+    assert lines[3] == f"- store: `{result['store']}`"
+
+
+@pytest.mark.slow
 def test_theta0_matches_training_run(first) -> None:
     project, _, parent, stages = first
     client = project.client
@@ -213,6 +234,31 @@ def test_identical_rerun_reuses_every_stage(first) -> None:
     assert len(project.search(f"tags.`landscapes.stage_key` = '{key}'")) == 1
     assert again["store"] == first[1]["store"]
     assert rerun.data.metrics["loss_at_theta0"] == parent.data.metrics["loss_at_theta0"]
+
+
+@pytest.mark.slow
+def test_the_evaluation_data_is_a_dataset_input(first) -> None:
+    """The runs list's Dataset column: the data's name and fingerprint, on the pipeline run and its evaluate run."""
+    project, _, parent, stages = first
+
+    def inputs(run_id: str) -> list[tuple[str, str, str, str, dict]]:
+        return [(d.dataset.name, d.dataset.digest, d.dataset.source_type, {t.key: t.value for t in d.tags}["mlflow.data.context"],
+                 json.loads(d.dataset.source)) for d in project.client.get_run(run_id).inputs.dataset_inputs]
+
+    [(name, digest, kind, context, source)] = inputs(parent.info.run_id)
+    assert (name, kind, context) == ("digits", "code", "evaluation")
+    assert re.fullmatch(r"[0-9a-f]{16}", digest)
+    assert json.loads(source["tags"]["dataset"]) == {"_target_": "pipelines.demo.digits_dataset"}
+    assert source["tags"]["limit"] == "None"  # FIRST: the whole data set
+    assert inputs(stages["evaluate"].info.run_id) == inputs(parent.info.run_id)
+    assert all(inputs(stages[s].info.run_id) == [] for s in STAGES if s != "evaluate")
+
+    again = project.run(*FIRST)  # every stage reused: the same digest, no second input on the reused evaluate run
+    assert inputs(again["run_id"]) == inputs(parent.info.run_id)
+    assert len(inputs(stages["evaluate"].info.run_id)) == 1
+    fewer = project.run("debug=default")  # the first 128 digits: other data, another digest
+    [(name2, digest2, _, _, source2)] = inputs(fewer["run_id"])
+    assert name2 == "digits" and digest2 != digest and source2["tags"]["limit"] == "128"
 
 
 # --- other shapes of run -------------------------------------------------------------------

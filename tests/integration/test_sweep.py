@@ -46,6 +46,12 @@ def test_sweep_parent_and_pipeline_children(sweep) -> None:
     sweep_dir = Path(parent.data.tags["landscapes.sweep_dir"])
     assert sweep_dir.is_relative_to(project.root / "outputs" / "sweeps")
     assert (sweep_dir / "sweep_run_id").read_text().strip() == parent.info.run_id
+    # job folders are named by number and checkpoint, each with its plots and Hydra's record of its overrides
+    jobs = sorted(p.name for p in sweep_dir.iterdir() if p.is_dir() and p.name != "compare")
+    assert jobs == ["0_epoch_002", "1_epoch_004"]
+    for job in jobs:
+        assert list((sweep_dir / job / "plots").glob("loss_contour*.png")), job
+        assert f"{job[2:]}.pt" in (sweep_dir / job / ".hydra" / "overrides.yaml").read_text()
 
     assert len(runs) == 2
     assert sorted(Path(r.data.tags["landscapes.checkpoint"]).name for r in runs) == ["epoch_002.pt", "epoch_004.pt"]
@@ -86,6 +92,15 @@ def test_sweep_ends_with_compare_run(sweep, tmp_path: Path) -> None:
     for row in rows:
         assert float(row["loss_at_theta0"]) == pytest.approx(by_id[row["run_id"]].data.metrics["loss_at_theta0"])
     assert sorted(row["landscape"] for row in rows) == ["epoch_002", "epoch_004"]
+
+    # the sweep's own run carries the comparison: the same plots and table, under comparison/
+    assert parent.data.tags["landscapes.compare_run"] == compare.info.run_id
+    on_sweep = project.artifacts(parent.info.run_id, "comparison")
+    assert on_sweep == [f"comparison/{f}" for f in files]
+    with open(mlflow.artifacts.download_artifacts(run_id=parent.info.run_id, artifact_path="comparison/summary.csv",
+                                                  dst_path=str(tmp_path / "sweep"), tracking_uri=project.uri),
+              newline="") as fh:
+        assert list(csv.DictReader(fh)) == rows
 
 
 def test_compare_cli(sweep, tmp_path: Path) -> None:
@@ -133,3 +148,21 @@ def test_runs_are_named_and_charted_against_the_epoch(sweep) -> None:
     assert sorted(by_epoch) == [2, 4]
     for run in runs:
         assert by_epoch[int(run.data.params["epoch"])] == run.data.metrics["loss_at_theta0"]
+
+
+def test_the_sweep_and_its_runs_describe_themselves(sweep) -> None:
+    """The sweep is named by what it sweeps; its description lists the values, each pipeline run its figures."""
+    project, parent, runs = sweep
+    assert parent.info.run_name == "sweep checkpoint.path ×2"
+    sweep_dir = parent.data.tags["landscapes.sweep_dir"]
+    assert parent.data.tags["mlflow.note.content"].splitlines() == [
+        f"Sweeps **checkpoint.path** (2 jobs), started {Path(sweep_dir).name}:",
+        "- checkpoint.path: epoch_002, epoch_004",
+        "- fixed: debug=default",
+        f"- jobs in `{sweep_dir}`; the comparison in `{sweep_dir}/compare` and in this run's artifacts, `comparison/`",
+    ]
+    for run in runs:
+        note = run.data.tags["mlflow.note.content"]
+        assert note.startswith(f"**{Path(run.data.tags['landscapes.checkpoint']).stem}** on digits: "
+                               f"loss at θ0 **{run.data.metrics['loss_at_theta0']:.4g}**"), note
+        assert f"- store: `{run.data.tags['landscapes.store']}`" in note

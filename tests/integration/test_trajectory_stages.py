@@ -143,7 +143,9 @@ def test_connectivity_preset(project: Project) -> None:
     stages = project.stages(result["run_id"])
     assert sorted(stages) == ["checkpoint", "connectivity"]  # stop_after=connectivity: no grid
     run = stages["connectivity"]
-    m = run.data.metrics
+    assert run.data.metrics["connectivity_seconds"] > 0  # the stage run keeps its cost ...
+    assert not any("barrier" in k for k in run.data.metrics)
+    m = project.client.get_run(result["run_id"]).data.metrics  # ... the pipeline run the barriers
     for path in ("linear", "bezier"):
         for what in ("loss", "error"):
             assert m[f"{path}_{what}_barrier_frankle"] >= 0 and m[f"{path}_{what}_barrier_entezari"] >= 0
@@ -199,3 +201,12 @@ def test_shared_plane_sweep_through_the_cli(project: Project) -> None:
     assert "loss_log_difference.png" in project.artifacts(compare.info.run_id)
     assert compare.data.tags["landscapes.compare_mode"].startswith("shared plane (origin epoch_004)")
     assert "animation/loss_sweep.gif" in project.artifacts(sweep.info.run_id, "animation")
+
+
+def test_run_titles_name_the_pca_plane_and_the_shared_origin(project: Project) -> None:
+    from pipelines.records import run_title
+
+    pca = project.resolved("experiment=trajectory_pca")
+    assert run_title(pca, "ck/epoch_004.pt") == "epoch_004 · plane 11² pca of the trajectory"
+    shared = project.resolved("grid.steps=5", f"directions.origin={project.checkpoint(4)}")
+    assert run_title(shared, "ck/epoch_002.pt") == "epoch_002 · plane 5² filter s0 @ epoch_004"

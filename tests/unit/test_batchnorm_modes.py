@@ -149,21 +149,21 @@ def _loader(x, y, batch_size: int = 8):
     return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=batch_size)
 
 
-def _recompute_equals_loop_and_reference(model, x, y, axes, bn_batches, batch_size=8, rtol=RTOL) -> None:
-    """vmap recompute_bn equals the per-point loop and a deep copy re-estimated by hand, at
-    every point; the model's own statistics come back bit for bit."""
+def _recompute_equals_loop_and_reference(model, x, y, axes, bn_batches, batch_size=8, reference_at=None) -> None:
+    """vmap recompute_bn equals the per-point loop at every point, and a deep copy re-estimated
+    by hand at the grid indices ``reference_at`` (default every point); the model's own
+    statistics come back bit for bit."""
     dirs = [L.random_direction(model, seed=0), L.random_direction(model, seed=1)]
     before = snapshot(model)
     runs = {s: L.evaluate(model, L.Loss(nn.CrossEntropyLoss(), _loader(x, y, batch_size)), dirs, axes, strategy=s,
                           model_mode="recompute_bn", bn_batches=bn_batches) for s in ("loop", "vmap")}
     assert_unchanged(model, before)
     assert {s: land.metadata["strategy"] for s, land in runs.items()} == {"loop": "loop", "vmap": "vmap"}
-    np.testing.assert_allclose(runs["vmap"]["loss"], runs["loop"]["loss"], rtol=rtol)
+    np.testing.assert_allclose(runs["vmap"]["loss"], runs["loop"]["loss"], rtol=RTOL)
     first = [x[i : i + batch_size] for i in range(0, bn_batches * batch_size, batch_size)]
-    for i, a in enumerate(axes[0]):
-        for j, b in enumerate(axes[1]):
-            want = _update_bn_reference(model, dirs, (a, b), first, x, y)
-            assert runs["vmap"]["loss"][i, j] == pytest.approx(want, rel=rtol)
+    for i, j in reference_at or np.ndindex(runs["vmap"]["loss"].shape):
+        want = _update_bn_reference(model, dirs, (axes[0][i], axes[1][j]), first, x, y)
+        assert runs["vmap"]["loss"][i, j] == pytest.approx(want, rel=RTOL)
 
 
 @pytest.mark.parametrize("bn_batches", [1, 3])
@@ -184,7 +184,8 @@ def test_recompute_bn_under_vmap_equals_the_loop_resnet18(bn_batches) -> None:
     # 3 batches of 6: with 4 images, layer4's 1×1 maps give statistics of 4 numbers, and the
     # values at the point then hang on rounding (5e-5 apart between any two exact methods)
     x, y = torch.randn(18, 3, 32, 32, generator=g), torch.randint(0, 10, (18,), generator=g)
-    _recompute_equals_loop_and_reference(model, x, y, [np.array([-0.5, 0.5]), np.array([0.0, 0.5])], bn_batches, batch_size=6)
+    axes = [np.array([-0.5, 0.5]), np.array([0.0, 0.5])]
+    _recompute_equals_loop_and_reference(model, x, y, axes, bn_batches, batch_size=6, reference_at=[(0, 1), (1, 0)])
 
 
 def test_recompute_bn_under_vmap_in_chunks_and_its_memory(image_data) -> None:

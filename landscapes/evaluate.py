@@ -14,7 +14,8 @@ A batch may be a tensor, a tuple or a mapping (nested); the ``forward`` adapter 
 reaches the model and the ``output`` adapter what of the output the metrics read (see
 :mod:`landscapes.adapters`). BatchNorm runs with θ0's running statistics (``eval``), batch
 statistics (``train``), or statistics re-estimated at each point (``recompute_bn``, see
-:mod:`landscapes.bn`); dropout stays off unless the model's own modes are kept (``as_is``).
+:mod:`landscapes.bn`; per point in the loop, or for a chunk of points with per-point buffers
+under vmap); dropout stays off unless the model's own modes are kept (``as_is``).
 """
 
 from __future__ import annotations
@@ -40,7 +41,13 @@ from landscapes.adapters import (
     tensor_bytes,
     without_key,
 )
-from landscapes.bn import BN_MODULES, recalibrate_bn
+from landscapes.bn import (
+    BN_MODULES,
+    batchnorm_modules,
+    estimating_statistics,
+    point_statistics,
+    recalibrate_bn,
+)
 from landscapes.errors import (
     ConfigurationError,
     EvaluationError,
@@ -104,8 +111,10 @@ class Evaluator:
             ``"eval"`` (default) with θ0's running statistics at every point; ``"train"`` with
             each batch's own statistics (forces the loop); ``"recompute_bn"`` with statistics
             re-estimated at each point from the first ``bn_batches`` batches of the first
-            metric's data (the same batches at every point; a per-point loop); ``"as_is"``
-            in the modes the model's modules are in.
+            metric's data (the same batches at every point; with ``"vmap"`` a chunk of
+            points at once, each with its own statistics, else a per-point loop;
+            ``"batched"`` becomes ``"vmap"`` with a warning); ``"as_is"`` in the modes the
+            model's modules are in.
         memory_budget: bytes a tile may use; sets the tile size.
         max_batch_points: an upper bound on points per tile.
         forward: how a batch reaches the model: ``"auto"`` (``model(x)`` for a tensor,
@@ -230,17 +239,12 @@ class Evaluator:
         else:
             train_only = []
         cannot = None
-        if self.model_mode == "recompute_bn":
-            if not self.dataset_metrics:
-                raise ConfigurationError(
-                    "evaluate: model_mode='recompute_bn' re-estimates BatchNorm statistics from "
-                    "the data of a dataset metric (Loss, Accuracy...); add one, or use "
-                    "model_mode='eval'."
-                )
-            cannot = "model_mode='recompute_bn' re-estimates BatchNorm statistics point by point"
-            if requested in ("vmap", "batched"):
-                warnings.warn(f"evaluate: using the per-point loop because {cannot}.", FallbackWarning, stacklevel=3)
-            return "loop", cannot
+        if self.model_mode == "recompute_bn" and not self.dataset_metrics:
+            raise ConfigurationError(
+                "evaluate: model_mode='recompute_bn' re-estimates BatchNorm statistics from "
+                "the data of a dataset metric (Loss, Accuracy...); add one, or use "
+                "model_mode='eval'."
+            )
         if self.custom_metrics:
             cannot = f"custom metrics {[type(m).__name__ for m in self.custom_metrics]} follow the model-wrapper protocol"
         elif not self.functional:
@@ -255,7 +259,14 @@ class Evaluator:
             return "loop", cannot
         if requested == "loop":
             return "loop", "requested"
-        if requested in ("auto", "batched"):
+        if self.model_mode == "recompute_bn" and requested == "batched":
+            warnings.warn(
+                "evaluate: strategy='batched' keeps θ0's BatchNorm statistics and cannot "
+                "re-estimate them at each point (model_mode='recompute_bn'); using 'vmap'.",
+                FallbackWarning, stacklevel=3,
+            )
+            return "vmap", "requested batched: recompute_bn re-estimates statistics under vmap"
+        if requested in ("auto", "batched") and self.model_mode != "recompute_bn":
             plan = batched.sequential_plan(self.root)
             why = "the model is not one" if plan is None else self._verify(plan)
             if why is None:
@@ -348,7 +359,7 @@ class Evaluator:
                 memory_budget = CPU_MEMORY_BUDGET
         self.memory_budget = int(memory_budget)
         params = self.space.numel * self.basis.element_size() * 2  # a point's parameters (+ a temporary)
-        activations = 3 * self._activation_bytes() if self.strategy != "loop" else 0
+        activations = 3 * self._activation_bytes() + self._statistics_bytes() if self.strategy != "loop" else 0
         cap = MAX_TILE_POINTS[self.strategy] if max_batch_points is None else min(max_batch_points, MAX_TILE_POINTS[self.strategy])
         if self.strategy == "loop":
             return _fit(memory_budget, params, cap), 1
@@ -367,9 +378,19 @@ class Evaluator:
     @property
     def bytes_per_point(self) -> int:
         """Memory one grid point needs within a tile: its parameters (and a temporary), plus
-        its activations where a pass holds several points (not on the loop)."""
+        its activations where a pass holds several points (not on the loop), and with
+        ``recompute_bn`` under vmap its own BatchNorm statistics and train-mode activations."""
         params = self.space.numel * self.basis.element_size() * 2
-        return params + (3 * self._activation_bytes() if self.strategy != "loop" else 0)
+        return params + (3 * self._activation_bytes() + self._statistics_bytes() if self.strategy != "loop" else 0)
+
+    def _statistics_bytes(self) -> int:
+        """With ``recompute_bn`` under vmap, what a point adds: its BatchNorm statistics, and
+        one more copy of its activations for the train-mode passes (vmap's batch norm moves
+        the points into the channels of a copy of its input to take batch statistics)."""
+        if self.model_mode != "recompute_bn" or self.strategy != "vmap":
+            return 0
+        stats = sum(2 * m.running_mean.numel() * m.running_mean.element_size() for m in batchnorm_modules(self.root))
+        return stats + self._activation_bytes()
 
     def _activation_bytes(self) -> int:
         """Bytes of every leaf module's output for one point on the first batch (measured once)."""
@@ -489,6 +510,8 @@ class Evaluator:
     def _run_recalibrated(self, c: torch.Tensor) -> dict[int, np.ndarray]:
         """``model_mode="recompute_bn"``: at each point, BatchNorm statistics re-estimated from
         the same batches, then every metric in eval mode with them."""
+        if self.strategy == "vmap":
+            return self._run_recalibrated_vmap(c)
         parts: list[dict[int, np.ndarray]] = []
         inputs = self._recalibration_inputs()
         for start in range(0, c.shape[0], CHUNK_POINTS):
@@ -499,6 +522,28 @@ class Evaluator:
                 recalibrate_bn(self.root, inputs, self.wrapper.forward)
                 parts.append(self._values(cs[p : p + 1], self._here, here=True))
         return {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
+
+    def _run_recalibrated_vmap(self, c: torch.Tensor) -> dict[int, np.ndarray]:
+        """``recompute_bn`` for a chunk of points at once: fresh statistics per point, the
+        statistic passes under vmap with the BatchNorm modules in train mode and
+        ``momentum=None`` (each point's buffers accumulate the plain average, as
+        :func:`recalibrate_bn` does in the loop), then every metric in eval mode with them.
+        The model's own buffers are never handed to vmap, so they are left as they were."""
+        step = self._chunk_points()
+        parts = [self._recalibrated_chunk(c[start : start + step]) for start in range(0, c.shape[0], step)]
+        return {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
+
+    def _recalibrated_chunk(self, c: torch.Tensor) -> dict[int, np.ndarray]:
+        thetas = self._points(c)
+        stats = point_statistics(self.root, c.shape[0])
+        with estimating_statistics(self.root):
+            for x in self._recalibration_inputs():
+                self._vmap_forward(x, thetas, (), stats)
+
+        def forward(x: Any, _c: torch.Tensor, readers: Sequence[Output]) -> Iterator[tuple[int, tuple[torch.Tensor, ...]]]:
+            yield 0, self._vmap_forward(x, thetas, readers, stats)
+
+        return self._values(c, forward)
 
     def _here(self, x: Any, c: torch.Tensor, readers: Sequence[Output]) -> Iterator[tuple[int, tuple[torch.Tensor, ...]]]:
         """The outputs of the model as it is (one point)."""
@@ -545,9 +590,15 @@ class Evaluator:
             return _fit(CPU_BATCHED_TILE_BYTES, self._output_bytes(), CHUNK_POINTS)
         return CHUNK_POINTS
 
-    def _vmap_forward(self, x: Any, thetas: torch.Tensor, readers: Sequence[Output]) -> tuple[torch.Tensor, ...]:
+    def _vmap_forward(
+        self, x: Any, thetas: torch.Tensor, readers: Sequence[Output],
+        statistics: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]] | None = None,
+    ) -> tuple[torch.Tensor, ...]:
+        """Outputs for the points ``thetas`` ``(m, n)``; ``statistics`` (shared, per point; see
+        :func:`~landscapes.bn.point_statistics`) replace the model's BatchNorm buffers."""
         params = self.space.unflatten(thetas)
-        buffers = dict(self.root.named_buffers())
+        shared, per_point = statistics if statistics is not None else ({}, {})
+        buffers = {n: b for n, b in {**dict(self.root.named_buffers()), **shared}.items() if n not in per_point}
         adapter = self.wrapper.forward_adapter
         if isinstance(x, torch.Tensor) and adapter.how in ("auto", "call"):
             module, prefix = self.root, ""
@@ -561,7 +612,7 @@ class Evaluator:
             raw = torch.func.functional_call(module, (p, buffers), (x,))
             return tuple(r(raw) for r in readers)
 
-        return torch.func.vmap(one, randomness="error")(params)
+        return torch.func.vmap(one, randomness="error")({**params, **per_point})
 
     def _loop_forward(self, x: Any, thetas: torch.Tensor, readers: Sequence[Output]) -> Iterator[tuple[int, tuple[torch.Tensor, ...]]]:
         set_point = self._point_setter(thetas)

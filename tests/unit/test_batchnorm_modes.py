@@ -92,13 +92,12 @@ def test_recompute_bn_reads_the_same_batches_at_every_point(data) -> None:
     np.testing.assert_allclose(land["loss"], land["loss"][0], rtol=1e-6)
 
 
-@pytest.mark.parametrize("strategy", ["vmap", "batched"])
-def test_recompute_bn_falls_back_to_the_loop_with_a_warning(strategy, data) -> None:
+def test_recompute_bn_batched_uses_vmap_with_a_warning(data) -> None:
     x, y = data
     model = _bn_dropout_mlp()
-    with pytest.warns(FallbackWarning, match="recompute_bn.*point by point"):
-        ev = L.Evaluator(model, L.Loss(nn.CrossEntropyLoss(), x, y), [L.random_direction(model, seed=0)], strategy=strategy, model_mode="recompute_bn")
-    assert ev.strategy == "loop"
+    with pytest.warns(FallbackWarning, match="strategy='batched' keeps θ0's BatchNorm statistics.*using 'vmap'"):
+        ev = L.Evaluator(model, L.Loss(nn.CrossEntropyLoss(), x, y), [L.random_direction(model, seed=0)], strategy="batched", model_mode="recompute_bn")
+    assert ev.strategy == "vmap"
 
 
 def test_recompute_bn_without_batchnorm_is_eval_mode(mlp, data) -> None:
@@ -143,3 +142,135 @@ def test_recalibrate_bn_leaves_modes_and_momentum() -> None:
         means = torch.stack([net[0](x).mean(0) for x in xs]).mean(0)
     torch.testing.assert_close(net[1].running_mean, means)
     assert h.shape == (12, 3)
+
+
+# -- recompute_bn batched over the tile (strategy="vmap") -------------------------------------
+def _loader(x, y, batch_size: int = 8):
+    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=batch_size)
+
+
+def _recompute_equals_loop_and_reference(model, x, y, axes, bn_batches, batch_size=8, reference_at=None) -> None:
+    """vmap recompute_bn equals the per-point loop at every point, and a deep copy re-estimated
+    by hand at the grid indices ``reference_at`` (default every point); the model's own
+    statistics come back bit for bit."""
+    dirs = [L.random_direction(model, seed=0), L.random_direction(model, seed=1)]
+    before = snapshot(model)
+    runs = {s: L.evaluate(model, L.Loss(nn.CrossEntropyLoss(), _loader(x, y, batch_size)), dirs, axes, strategy=s,
+                          model_mode="recompute_bn", bn_batches=bn_batches) for s in ("loop", "vmap")}
+    assert_unchanged(model, before)
+    assert {s: land.metadata["strategy"] for s, land in runs.items()} == {"loop": "loop", "vmap": "vmap"}
+    np.testing.assert_allclose(runs["vmap"]["loss"], runs["loop"]["loss"], rtol=RTOL)
+    first = [x[i : i + batch_size] for i in range(0, bn_batches * batch_size, batch_size)]
+    for i, j in reference_at or np.ndindex(runs["vmap"]["loss"].shape):
+        want = _update_bn_reference(model, dirs, (axes[0][i], axes[1][j]), first, x, y)
+        assert runs["vmap"]["loss"][i, j] == pytest.approx(want, rel=RTOL)
+
+
+@pytest.mark.parametrize("bn_batches", [1, 3])
+def test_recompute_bn_under_vmap_equals_the_loop_cnn(bn_batches, image_data) -> None:
+    x, y = image_data  # 40 samples: 5 batches of 8
+    _recompute_equals_loop_and_reference(make_cnn(batchnorm=True), x, y, [L.axis(-1, 1, 3), np.array([0.0, 0.7])], bn_batches)
+
+
+@pytest.mark.requires_models
+@pytest.mark.parametrize("bn_batches", [1, 3])
+def test_recompute_bn_under_vmap_equals_the_loop_resnet18(bn_batches) -> None:
+    from tests.ecosystem import require
+
+    tv = require("torchvision")
+    torch.manual_seed(0)
+    model = tv.models.resnet18(num_classes=10).eval()
+    g = torch.Generator().manual_seed(5)
+    # 3 batches of 6: with 4 images, layer4's 1×1 maps give statistics of 4 numbers, and the
+    # values at the point then hang on rounding (5e-5 apart between any two exact methods)
+    x, y = torch.randn(18, 3, 32, 32, generator=g), torch.randint(0, 10, (18,), generator=g)
+    axes = [np.array([-0.5, 0.5]), np.array([0.0, 0.5])]
+    _recompute_equals_loop_and_reference(model, x, y, axes, bn_batches, batch_size=6, reference_at=[(0, 1), (1, 0)])
+
+
+def test_recompute_bn_under_vmap_in_chunks_and_its_memory(image_data) -> None:
+    """Several chunks in one call give the same values; a point's bytes count its own
+    statistics and one more copy of its activations."""
+    x, y = image_data
+    model = make_cnn(batchnorm=True)
+    metric = L.Loss(nn.CrossEntropyLoss(), _loader(x, y))
+    dirs = [L.random_direction(model, seed=0), L.random_direction(model, seed=1)]
+    coords = np.array([[-1.0, 0.0], [-0.5, 0.3], [0.0, 0.0], [0.4, -0.2], [1.0, 0.7]])
+    small = L.Evaluator(model, metric, dirs, strategy="vmap", model_mode="recompute_bn", bn_batches=2, max_batch_points=2)
+    whole = L.Evaluator(model, metric, dirs, strategy="vmap", model_mode="recompute_bn", bn_batches=2)
+    loop = L.Evaluator(model, metric, dirs, strategy="loop", model_mode="recompute_bn", bn_batches=2)
+    assert small.pass_points == 2 and whole.pass_points == whole.tile_points > 2
+    want = loop.evaluate_points(coords)["loss"]
+    for ev in (small, whole):
+        np.testing.assert_allclose(ev.evaluate_points(coords)["loss"], want, rtol=RTOL)
+    stale = L.Evaluator(model, metric, dirs, strategy="vmap")
+    stats = 2 * 4 * 4  # BatchNorm2d(4): running_mean and running_var in float32
+    assert whole.bytes_per_point - stale.bytes_per_point == stats + whole._activation_bytes() > stats
+
+
+class _CheckedCNN(nn.Module):
+    """A CNN whose forward asks a tensor for a Python number: vmap rejects it."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = make_cnn(batchnorm=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.net(x)
+        if not bool(torch.isfinite(out).all()):
+            raise ValueError("non-finite output")
+        return out
+
+
+def test_recompute_bn_falls_back_to_the_loop_when_vmap_rejects_the_model(image_data) -> None:
+    x, y = image_data
+    model = _CheckedCNN().eval()
+    dirs = [L.random_direction(model, seed=0)]
+    axes = [L.axis(-1, 1, 3)]
+    before = snapshot(model)
+    with pytest.warns(FallbackWarning, match=r"vmap failed \(RuntimeError: .*data-dependent control flow.*using the per-point loop"):
+        land = L.evaluate(model, L.Loss(nn.CrossEntropyLoss(), _loader(x, y)), dirs, axes, strategy="vmap",
+                          model_mode="recompute_bn", bn_batches=2)
+    assert_unchanged(model, before)
+    assert land.metadata["strategy"] == "loop" and land.metadata["strategy_reason"] == "vmap failed: RuntimeError"
+    loop = L.evaluate(model, L.Loss(nn.CrossEntropyLoss(), _loader(x, y)), dirs, axes, strategy="loop",
+                      model_mode="recompute_bn", bn_batches=2)
+    np.testing.assert_array_equal(land["loss"], loop["loss"])
+
+
+class _Norm(L.Metric):
+    def __call__(self, model_wrapper) -> float:
+        return float(sum(p.detach().norm() ** 2 for p in model_wrapper.modules[0].parameters()))
+
+
+def test_recompute_bn_with_a_custom_metric_falls_back_to_the_loop(image_data) -> None:
+    x, y = image_data
+    model = make_cnn(batchnorm=True)
+    dirs, axes = [L.random_direction(model, seed=0)], [L.axis(-1, 1, 3)]
+    with pytest.warns(FallbackWarning, match=r"per-point loop because custom metrics \['_Norm'\] follow the model-wrapper protocol"):
+        land = L.evaluate(model, [L.Loss(nn.CrossEntropyLoss(), _loader(x, y)), _Norm()], dirs, axes, strategy="vmap",
+                          model_mode="recompute_bn", bn_batches=2)
+    assert land.metadata["strategy"] == "loop"
+    loop = L.evaluate(model, L.Loss(nn.CrossEntropyLoss(), _loader(x, y)), dirs, axes, strategy="loop", model_mode="recompute_bn", bn_batches=2)
+    np.testing.assert_array_equal(land["loss"], loop["loss"])
+    assert land["_norm"][1] == pytest.approx(_Norm()(L.wrap_model(model)), rel=RTOL)  # θ0
+
+
+def test_recompute_bn_auto_on_a_cpu_is_the_loop(image_data) -> None:
+    x, y = image_data
+    model = make_cnn(batchnorm=True)
+    ev = L.Evaluator(model, L.Loss(nn.CrossEntropyLoss(), x, y), [L.random_direction(model, seed=0)], model_mode="recompute_bn")
+    assert (ev.strategy, ev.describe()["strategy"]) == ("loop", "loop")
+
+
+def test_recompute_bn_under_vmap_with_mapping_batches(image_data) -> None:
+    """A batch that reaches the model through an adapter (``model(**batch)``) carries the
+    per-point statistics through it too."""
+    x, y = image_data
+    model = make_cnn(batchnorm=True)
+    metric = L.Loss(nn.CrossEntropyLoss(), {"x": x}, y)
+    dirs, axes = [L.random_direction(model, seed=0)], [L.axis(-1, 1, 3)]
+    runs = [L.evaluate(model, metric, dirs, axes, strategy=s, model_mode="recompute_bn", forward="kwargs") for s in ("loop", "vmap")]
+    assert runs[1].metadata["strategy"] == "vmap"
+    np.testing.assert_allclose(runs[1]["loss"], runs[0]["loss"], rtol=RTOL)
+    assert not np.allclose(runs[1]["loss"], L.evaluate(model, metric, dirs, axes, forward="kwargs")["loss"], rtol=1e-3)

@@ -30,7 +30,6 @@ demo: install
 	@echo
 	@$(PY) -m pipelines.summary --last-sweep
 	@echo
-	@echo "Plots: outputs/sweeps/<time>/<job>/plots/, comparison: outputs/sweeps/<time>/compare/"
 	@echo "The addresses above open once the MLflow UI runs on the demo's store:"
 	@echo "  $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --port 5000"
 

@@ -902,6 +902,7 @@ def render_all(
     metrics: Sequence[str] | None = None,
     log: bool = False,
     html: bool = True,
+    include_plotlyjs: bool | str = "directory",
 ) -> list[Path]:
     """Write every applicable plot of a landscape into ``out_dir``.
 
@@ -909,7 +910,7 @@ def render_all(
     ``<m>.html``; 1-D metrics give ``<m>_curve.png`` and ``<m>.html``, plus ``curves.png``
     with all of them when there are several. With ``log=True`` names end in ``_log``. Metrics
     with another number of dims (3-D grids) are skipped. HTML pages share one
-    ``plotly.min.js`` in ``out_dir`` (not in the returned list).
+    ``plotly.min.js`` in ``out_dir`` (not in the returned list), unless ``include_plotlyjs=True``.
 
     Args:
         landscape_or_ds: ``xarray.Dataset`` or object with ``to_xarray()``.
@@ -917,6 +918,9 @@ def render_all(
         metrics: metrics to plot; default every 1-D or 2-D data variable.
         log: plot ``log10`` values / log scale.
         html: also write the interactive ``<m>.html`` (plotly).
+        include_plotlyjs: as in `plot_html`: ``"directory"`` (one ``plotly.min.js`` beside the
+            pages) or ``True`` (embedded in each page, ~5 MB: one file that opens anywhere,
+            also where a sibling file cannot be loaded, e.g. MLflow's artifact viewer).
 
     Returns:
         Written paths in order.
@@ -945,7 +949,7 @@ def render_all(
         else:
             continue
         if html:
-            paths.append(plot_html(ds, m, path=out / f"{name}{sfx}.html", log=log))
+            paths.append(plot_html(ds, m, path=out / f"{name}{sfx}.html", log=log, include_plotlyjs=include_plotlyjs))
     if len(curves) > 1:
         paths.append(_save_png(plot_curve(ds, curves, log=log), out / f"curves{sfx}.png"))
     return paths

@@ -76,11 +76,12 @@ def log_data_input(cfg: PipelineConfig, run_id: str) -> None:
     client.log_inputs(run_id, [DatasetInput(entity, [InputTag(MLFLOW_DATASET_CONTEXT, "evaluation")])])
 
 
-HEADLINE_METRICS = ("loss_at_theta0", "accuracy_at_theta0", "loss_min", "flat_area_tol0.1", "sharpness_r0.1",
+HEADLINE_METRICS = ("loss_at_theta0", "accuracy_at_theta0", "loss_at_checkpoint", "accuracy_at_checkpoint", "loss_min", "flat_area_tol0.1", "sharpness_r0.1",
                     "sharpness_rel_r0.1", "lambda_max", "lambda_min", "hessian_trace", "eigen_ratio", "negative_mass",
                     "average_sharpness", "worst_case_sharpness", "linear_loss_barrier_frankle",
                     "bezier_loss_barrier_frankle")
-"""What a sweep over a training run's checkpoints charts against the epoch."""
+"""What a sweep over a training run's checkpoints charts against the epoch (on a shared plane θ0 is
+the one origin, so ``*_at_checkpoint``, the values at each job's own checkpoint, carry the trend)."""
 
 _STEP = re.compile(r"(?:epoch|ep|step|iter)[_\-=]?(\d+)", re.IGNORECASE)
 
@@ -138,7 +139,11 @@ def describe_run(flow: Flow, figures: dict[str, float]) -> str:
     def fig(key: str, label: str, fmt: str = ".4g") -> str | None:
         return f"{label} **{figures[key]:{fmt}}**" if key in figures else None
 
-    head = [fig("loss_at_theta0", "loss at θ0"), fig("accuracy_at_theta0", "accuracy at θ0", ".2%"),
+    shared = cfg.directions.origin
+    # on a shared plane θ0 is the sweep's one origin: the checkpoint's own values come first
+    head = [fig("loss_at_checkpoint", f"loss at {name}"), fig("accuracy_at_checkpoint", f"accuracy at {name}", ".2%"),
+            fig("loss_at_theta0", f"loss at the origin {_short(shared)}" if shared else "loss at θ0"),
+            fig("accuracy_at_theta0", f"accuracy at the origin {_short(shared)}" if shared else "accuracy at θ0", ".2%"),
             fig("loss_min", "lowest loss on the grid"), fig("lambda_max", "λmax"), fig("hessian_trace", "tr(H)")]
     lines = [f"**{name}** on {cfg.data.name}" + (f": {', '.join(h for h in head if h)}" if any(head) else "")]
     if "evaluate" in out:

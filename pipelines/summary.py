@@ -1,8 +1,9 @@
 """``python -m pipelines.summary --last-sweep``: what a sweep made, and where to see it in the MLflow UI.
 
 Prints one line per checkpoint of the newest sweep (or ``--sweep RUN_ID``): loss at θ0, the
-lowest loss on the grid and the landscape store, then the MLflow UI addresses of the sweep's
-run and of its comparison run. ``make demo`` calls it after the sweep. It only reads the
+lowest loss on the grid and the landscape store, then the folders of the jobs' plots and of the
+comparison (``<sweep dir>/<num>_<checkpoint>/plots/``, ``<sweep dir>/compare/``, those on disk)
+and the MLflow UI addresses of the sweep's run and of its comparison run. ``make demo`` calls it after the sweep. It only reads the
 tracking store.
 """
 
@@ -87,6 +88,7 @@ def format_summary(summary: SweepSummary, *, ui: str = UI) -> str:
     lines = [f"{r[0]:<{widths[0]}}  {r[1]:>{widths[1]}}  {r[2]:>{widths[2]}}  {r[3]}" for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths) + "  " + "-" * 5)
     sweep = summary.sweep
+    lines += _folders(sweep)
     lines += ["", f"MLflow UI ({sweep.info.run_name}, {sweep.info.status.lower()}):",
               f"  sweep:      {run_url(summary.experiment_id, sweep.info.run_id, ui)}"]
     if summary.compare is not None:
@@ -94,6 +96,21 @@ def format_summary(summary: SweepSummary, *, ui: str = UI) -> str:
     else:
         lines.append("  comparison: none (a sweep compares two or more finished landscapes)")
     return "\n".join(lines)
+
+
+def _folders(sweep: Run) -> list[str]:
+    """The jobs' plot folders and the comparison's folder under the sweep's folder, those on disk."""
+    where = sweep.data.tags.get("landscapes.sweep_dir")
+    if not where:
+        return []
+    root = Path(where)
+    jobs = sorted((p for p in root.glob("*/plots") if p.is_dir()),
+                  key=lambda p: (int(p.parent.name.split("_")[0]) if p.parent.name.split("_")[0].isdigit() else 1 << 30,
+                                 p.parent.name))
+    lines = ["", f"Folders ({root}):"] + [f"  plots:      {p}/" for p in jobs]
+    if (root / "compare").is_dir():
+        lines.append(f"  comparison: {root / 'compare'}/")
+    return lines if len(lines) > 2 else []
 
 
 def main(argv: list[str] | None = None) -> str:

@@ -35,7 +35,9 @@ class AggregateOutputs:
 
 def aggregate(cfg: PipelineConfig, inputs: AggregateInputs) -> AggregateOutputs:
     """Summary metrics: values at θ0, the minimum and where, grid sharpness (absolute and relative,
-    θ0 excluded; absent when no other point lies within ``summary.radius``), flat area, NaN counts.
+    θ0 excluded; absent when no other point lies within ``summary.radius``), flat area, NaN counts;
+    on a shared plane (``directions.origin``) also ``<metric>_at_checkpoint``, the values at the
+    run's own checkpoint (θ0 is then the shared origin).
 
     The figures describe the landscape, so the pipeline run carries them (once, where the runs list
     compares them); this stage's run logs only how long it took.
@@ -75,6 +77,8 @@ def summarize(store: LandscapeStore, *, radius: float, flat_tolerance: float) ->
         for d, i in zip(store.dims, imin, strict=True):
             axis = axes[store.dims.index(d)]
             out[f"{name}_argmin_{d}"] = round_coordinate(float(axis[i]), axis)  # -0.1, not -0.09999999999999998
+    for name, value in ((store.attrs.get("subject") or {}).get("values") or {}).items():
+        out[f"{name}_at_checkpoint"] = float(value)  # a shared plane: the run's own checkpoint, off the centre
     loss = store.read("loss") if "loss" in store.metrics else None
     if loss is not None and centre is not None and np.isfinite(loss[centre]):
         l0 = float(loss[centre])

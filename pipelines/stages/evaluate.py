@@ -92,12 +92,8 @@ def evaluate(cfg: PipelineConfig, inputs: EvaluateInputs, backend: Backend | Non
     _check_directions(flat, model, len(axes), inputs.directions)
     origin = None if inputs.origin is None else load_model(
         cfg.model, inputs.origin, trust_pickle=cfg.checkpoint.trust_pickle, strict=cfg.checkpoint.strict)
-    evaluator = L.Evaluator(
-        model, metrics, torch.from_numpy(flat), device=device, strategy=str(ccfg.strategy),
-        model_mode=str(ccfg.model_mode), memory_budget=ccfg.memory_budget, max_batch_points=ccfg.max_batch_points,
-        forward=forward, output=output, bn_batches=ccfg.bn_batches,
-        origin=None if origin is None else {n: p.detach() for n, p in origin.named_parameters()},
-    )
+    evaluator = _evaluator(cfg, model, metrics, flat, device,
+                           origin=None if origin is None else {n: p.detach() for n, p in origin.named_parameters()})
     check_memory_budget(evaluator, ccfg.memory_budget)
     resume = cfg.resume
     if resume:
@@ -111,8 +107,9 @@ def evaluate(cfg: PipelineConfig, inputs: EvaluateInputs, backend: Backend | Non
         seconds = backend.run(evaluator, store, todo, progress=ccfg.progress) if todo else 0.0
         backend_name = str(getattr(backend, "name", type(backend).__name__))
         store.update_attrs({"evaluation": evaluator.describe() | {"backend": backend_name}})
-        if origin is not None:  # where this run's own checkpoint lies on the shared plane
-            store.update_attrs({"subject": subject_on_plane(model, origin, flat, inputs.checkpoint)})
+        if origin is not None:  # where this run's own checkpoint lies on the shared plane, and its values there
+            subject = subject_on_plane(model, origin, flat, inputs.checkpoint)
+            store.update_attrs({"subject": subject | {"values": _values_at_subject(cfg, model, data, flat, device)}})
     points = sum(t.size for t in todo)
     extra = {f"backend_{k}": float(v) for k, v in (getattr(backend, "last_run", None) or {}).items()
              if todo and (k.endswith("_seconds") or k == "workers")}
@@ -135,6 +132,27 @@ def evaluate(cfg: PipelineConfig, inputs: EvaluateInputs, backend: Backend | Non
         } | extra,
         backend=backend_name,
     )
+
+
+def _evaluator(cfg: PipelineConfig, model: torch.nn.Module, metrics: Any, flat: np.ndarray, device: torch.device,
+               *, origin: dict[str, torch.Tensor] | None = None, max_points: int | None = None) -> L.Evaluator:
+    """The configured `landscapes.Evaluator` of ``model`` on the ``(k, n)`` directions ``flat``."""
+    ccfg = cfg.compute
+    forward, output = build_adapters(cfg.adapters)
+    return L.Evaluator(
+        model, metrics, torch.from_numpy(flat), device=device, strategy=str(ccfg.strategy),
+        model_mode=str(ccfg.model_mode), memory_budget=ccfg.memory_budget,
+        max_batch_points=max_points or ccfg.max_batch_points, forward=forward, output=output,
+        bn_batches=ccfg.bn_batches, origin=origin,
+    )
+
+
+def _values_at_subject(cfg: PipelineConfig, model: torch.nn.Module, data: Any, flat: np.ndarray,
+                       device: torch.device) -> dict[str, float]:
+    """The metrics at the run's own checkpoint (its parameters and buffers), on the same data: on a
+    shared plane the grid's centre is the origin, so these are the figures of the checkpoint itself."""
+    own = _evaluator(cfg, model, build_metrics(cfg.metrics, data), flat, device, max_points=1)
+    return {n: float(v[0]) for n, v in own.evaluate_points(np.zeros((1, flat.shape[0]))).items()}
 
 
 def _say(message: str) -> None:

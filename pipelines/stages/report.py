@@ -30,8 +30,9 @@ def report(cfg: PipelineConfig, inputs: ReportInputs) -> ReportOutputs:
 
     Plots the metrics of ``plot.metrics`` and every custom metric of ``metrics.extra``. Axis
     names, titles and reference points come from the store's provenance attrs (``directions``,
-    ``checkpoint``). HTML pages share one ``plotly.min.js`` in ``plots/`` (logged with the
-    folder, not listed in ``plots``), so they stay small and open offline.
+    ``checkpoint``). Each HTML page embeds plotly.js (~5 MB): MLflow's artifact viewer shows a
+    page from a ``blob:`` URL in a sandboxed iframe, where a ``plotly.min.js`` beside it cannot
+    be loaded, so only a self-contained page renders there (and it opens offline anywhere).
     """
     pcfg = cfg.plot
     ds = LandscapeStore.open(inputs.store, mode="r").to_xarray()
@@ -39,7 +40,8 @@ def report(cfg: PipelineConfig, inputs: ReportInputs) -> ReportOutputs:
     out_dir = inputs.out_dir / "plots"
     paths: list[Path] = []
     for metric in wanted:  # log scale for the loss only: accuracy lives in [0, 1]
-        paths += plots.render_all(ds, out_dir, metrics=[metric], log=pcfg.log and metric == "loss", html=pcfg.html)
+        paths += plots.render_all(ds, out_dir, metrics=[metric], log=pcfg.log and metric == "loss", html=pcfg.html,
+                                  include_plotlyjs=True)
     paths += _trajectory_plots(ds, [m for m in wanted if ds[m].ndim == 2], out_dir, log=pcfg.log)
     exports = _exports(ds, inputs.out_dir / "exports", log=pcfg.log) if pcfg.exports else ()
     return ReportOutputs(plots=tuple(paths), artifacts=(out_dir, *exports))

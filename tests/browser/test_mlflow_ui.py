@@ -5,6 +5,10 @@ and the npm package ``playwright-core`` in ``$PLAYWRIGHT_NODE_PATH``, ``$NODE_PA
 ``/tmp/shot/node_modules`` (see ``/work/shared/mlflow-ui-in-a-browser.md`` and
 ``docs/images/README.md`` for installing them; nothing goes into the repository).
 
+It checks the runs list (the sweep, its pipeline runs nested), the sweep's chart of loss at θ0
+against the epoch, one pipeline run's report plot (PNG) and its interactive HTML plot, which the
+artifact viewer shows in a sandboxed iframe: plotly must draw there (the page embeds plotly.js).
+
 With ``LANDSCAPES_SCREENSHOTS=<folder>`` (e.g. ``docs/images``) the sweep's grid is 21×21 and the
 test also takes the README's screenshots there with ``docs/images/capture_mlflow_ui.js``:
 ``mlflow_runs.png`` (the runs list, the sweep and one pipeline run expanded), ``mlflow_plot.png``
@@ -26,6 +30,7 @@ from pathlib import Path
 
 import pytest
 
+from pipelines.tracking import TAG_PARENT_STAGE_PREFIX
 from tests.integration.conftest import REPO, Project
 
 TIMEOUT_MS = 45_000
@@ -35,7 +40,7 @@ SHOTS = ("mlflow_runs.png", "mlflow_plot.png", "mlflow_compare.png", "mlflow_cha
 SCRIPT = r"""
 const { chromium } = require('playwright-core');
 const fs = require('fs'), os = require('os'), path = require('path');
-const [base, experimentId, sweepRunId, sweepName, childName, childRunId, exe] = process.argv.slice(2);
+const [base, experimentId, sweepRunId, sweepName, childName, childRunId, reportRunId, exe] = process.argv.slice(2);
 (async () => {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'mlflow-ui-test-'));
   const ctx = await chromium.launchPersistentContext(dir, {
@@ -76,7 +81,15 @@ const [base, experimentId, sweepRunId, sweepName, childName, childRunId, exe] = 
       return img && img.complete && img.naturalWidth > 0;
     });
     const plotWidth = await page.evaluate(() => document.querySelector('img.rc-image-img').naturalWidth);
-    console.log(JSON.stringify({ collapsed, expanded, chart, plotWidth }));
+    // its interactive HTML plot (on the report stage's run), rendered in the artifact view's iframe
+    await page.goto(`${base}/#/experiments/${experimentId}/runs/${reportRunId}/artifacts/plots/loss_log.html?workflowType=machine_learning`);
+    const frame = page.frameLocator('iframe.mlflow-html-iframe');
+    await frame.locator('.js-plotly-plot .main-svg').first().waitFor();
+    const html = await frame.locator('body').evaluate((b) => ({
+      plots: b.querySelectorAll('.js-plotly-plot').length, svgs: b.querySelectorAll('.main-svg').length,
+      gl: b.querySelectorAll('canvas').length, text: [...b.querySelectorAll('.gtitle, .g-xtitle, .g-ytitle')].map((e) => e.textContent),
+    }));
+    console.log(JSON.stringify({ collapsed, expanded, chart, plotWidth, html }));
   } finally {
     await ctx.close();
     fs.rmSync(dir, { recursive: true, force: true });
@@ -125,7 +138,9 @@ def test_runs_list_shows_sweep_with_named_pipeline_runs_and_comparison(project: 
     shots = os.environ.get(SHOTS_ENV)
     steps = 21 if shots else 5  # the README's screenshots show the default grid
     ckpts = ",".join(str(project.checkpoint(e)) for e in (0, 2, 4))
-    project.cli("pipelines.run", "-m", f"checkpoint.path={ckpts}", "debug=default", f"grid.steps={steps}")
+    # the debug config makes no HTML; here each job makes one interactive page (the loss only, unless for the README)
+    html = ["plot.html=true"] + ([] if shots else ["plot.metrics=[loss]"])
+    project.cli("pipelines.run", "-m", f"checkpoint.path={ckpts}", "debug=default", f"grid.steps={steps}", *html)
     (sweep,) = project.search("tags.`landscapes.kind` = 'sweep'")
     children = project.children(sweep.info.run_id)
     names = {r.info.run_name for r in children}
@@ -144,10 +159,13 @@ def test_runs_list_shows_sweep_with_named_pipeline_runs_and_comparison(project: 
         _wait_healthy(base, server)
         script = tmp_path / "runs_list.js"
         script.write_text(SCRIPT)
-        child = next(r.info.run_id for r in children if r.info.run_name == pipelines[1])
+        child = next(r for r in children if r.info.run_name == pipelines[1])
+        report = child.data.tags[f"{TAG_PARENT_STAGE_PREFIX}report"]
+        assert "plots/loss_log.html" in {a.path for a in project.client.list_artifacts(report, "plots")}
+        child = child.info.run_id
         proc = subprocess.run(
             [node, str(script), base, project.experiment_id, sweep.info.run_id, sweep.info.run_name, pipelines[1], child,
-             chromium],
+             report, chromium],
             env=env, capture_output=True, text=True, timeout=240,
         )
         assert proc.returncode == 0, proc.stderr[-4000:]
@@ -169,6 +187,7 @@ def test_runs_list_shows_sweep_with_named_pipeline_runs_and_comparison(project: 
     assert seen["chart"]["points"] == 3, seen["chart"]  # epochs 0, 2, 4
     assert seen["chart"]["xticks"][0] == "0" and seen["chart"]["xticks"][-1] == "4", seen["chart"]
     assert seen["plotWidth"] > 300
+    assert seen["html"]["plots"] == 1 and seen["html"]["svgs"] >= 1, seen["html"]  # plotly drew in the iframe
 
 
 def _screenshots(out: Path, node: str, env: dict[str, str], base: str, project: Project, sweep_id: str,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 
@@ -31,6 +32,12 @@ def test_last_sweep_prints_table_and_ui_addresses(swept: Project) -> None:
         assert f"{run.data.metrics['loss_at_theta0']:.4g}" in row
         assert f"{run.data.metrics['loss_min']:.4g}" in row
         assert row.endswith(run.data.tags["landscapes.store"])
+    # the jobs' plot folders (<num>_<checkpoint>) and the comparison's, as they are on disk
+    root = sweep.data.tags["landscapes.sweep_dir"]
+    plots = [ln.split(maxsplit=1)[1] for ln in lines if ln.startswith("  plots:")]
+    assert plots == [f"{root}/0_epoch_000/plots/", f"{root}/1_epoch_004/plots/"], out
+    assert all(any(Path(p).glob("loss_contour*.png")) for p in plots)
+    assert f"  comparison: {root}/compare/" in lines
     ui = f"http://127.0.0.1:5000/#/experiments/{swept.experiment_id}/runs/"
     assert f"  sweep:      {ui}{sweep.info.run_id}" in lines
     assert f"  comparison: {ui}{cmp.info.run_id}" in lines

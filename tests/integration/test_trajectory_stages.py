@@ -210,3 +210,38 @@ def test_run_titles_name_the_pca_plane_and_the_shared_origin(project: Project) -
     assert run_title(pca, "ck/epoch_004.pt") == "epoch_004 · plane 11² pca of the trajectory"
     shared = project.resolved("grid.steps=5", f"directions.origin={project.checkpoint(4)}")
     assert run_title(shared, "ck/epoch_002.pt") == "epoch_002 · plane 5² filter s0 @ epoch_004"
+
+
+def test_shared_plane_figures_of_each_checkpoint_itself(project: Project) -> None:
+    """On a shared plane θ0 is the one origin (the same loss in every job); ``*_at_checkpoint`` are
+    the metrics at the job's own checkpoint, on the same samples, and the sweep charts those."""
+    import torch
+    import torch.nn.functional as F
+
+    from pipelines.demo import DemoMLP, load_digits_tensors
+    from pipelines.records import HEADLINE_METRICS
+
+    origin, limit = project.checkpoint(4), 64
+    results = {e: project.run("debug=default", "grid.steps=3", f"data.limit={limit}", f"checkpoint.path={project.checkpoint(e)}",
+                              f"directions.origin={origin}") for e in (0, 2)}
+    x, y = (t[:limit] for t in load_digits_tensors())
+    figures = {}
+    for e, result in results.items():
+        model = DemoMLP()
+        model.load_state_dict(torch.load(project.checkpoint(e), weights_only=True))
+        with torch.no_grad():
+            logits = model.eval()(x)
+        run = project.client.get_run(result["run_id"])
+        figures[e] = run.data.metrics
+        assert run.data.metrics["loss_at_checkpoint"] == pytest.approx(F.cross_entropy(logits, y).item(), rel=1e-5)
+        assert run.data.metrics["accuracy_at_checkpoint"] == pytest.approx((logits.argmax(1) == y).float().mean().item())
+        assert "loss_at_checkpoint" in HEADLINE_METRICS and "accuracy_at_checkpoint" in HEADLINE_METRICS
+        assert f"loss at epoch_{e:03d} **{run.data.metrics['loss_at_checkpoint']:.4g}**" in run.data.tags["mlflow.note.content"]
+        assert "loss at the origin epoch_004" in run.data.tags["mlflow.note.content"]
+    assert figures[0]["loss_at_theta0"] == pytest.approx(figures[2]["loss_at_theta0"], rel=1e-6)  # the shared origin
+    assert figures[0]["loss_at_checkpoint"] > figures[2]["loss_at_checkpoint"] * 1.05  # epoch 0 is worse than epoch 2
+
+    own = project.run("debug=default", "grid.steps=3", f"data.limit={limit}", f"checkpoint.path={project.checkpoint(2)}")
+    metrics = project.client.get_run(own["run_id"]).data.metrics  # its own plane: θ0 is the checkpoint, no duplicate
+    assert "loss_at_checkpoint" not in metrics
+    assert metrics["loss_at_theta0"] == pytest.approx(figures[2]["loss_at_checkpoint"], rel=1e-5)

@@ -134,6 +134,14 @@ def test_render_all_2d_from_store(tmp_path):
     _html_ok(paths[3])
 
 
+def test_render_all_self_contained_html(tmp_path):
+    """``include_plotlyjs=True``: each page carries plotly.js (MLflow's viewer cannot load a file beside it)."""
+    (page,) = [p for p in plots.render_all(_line(), tmp_path, metrics=["loss"], include_plotlyjs=True) if p.suffix == ".html"]
+    text = page.read_text(encoding="utf-8")
+    assert "Plotly.newPlot" in text and not re.findall(r"<script[^>]*src=", text)
+    assert page.stat().st_size > 1_000_000 and not (tmp_path / plots.PLOTLY_JS).exists()
+
+
 def test_render_all_1d(tmp_path):
     paths = plots.render_all(_line(), tmp_path, log=True)
     assert [p.name for p in paths] == [

@@ -29,6 +29,8 @@ def main(argv: list[str] | None = None) -> CompareOutputs:
     parser.add_argument("--tracking-uri", default=None, help="default: $MLFLOW_TRACKING_URI or sqlite:///<project>/mlflow.db")
     parser.add_argument("--out", type=Path, default=None, help="where to write the files (default outputs/compare/<time>)")
     parser.add_argument("--no-log", action="store_true", help="linear loss scale")
+    parser.add_argument("--plotlyjs", choices=["embed", "directory"], default="embed",
+                        help="HTML pages carry plotly.js (embed: render in MLflow's viewer) or share one file beside them")
     args = parser.parse_args(argv)
     root = project_root()
     uri = tracking.configure(args.tracking_uri or tracking.default_tracking_uri(root))
@@ -39,7 +41,8 @@ def main(argv: list[str] | None = None) -> CompareOutputs:
                          parent_run_id=args.parent, filter_string=args.filter)
     out = args.out or root / "outputs" / "compare" / time.strftime("%Y-%m-%d_%H-%M-%S")
     exp_id = exp.experiment_id if exp else runs[0].info.experiment_id
-    result = compare(runs, out_dir=out, experiment_id=exp_id, parent_run_id=args.parent, log=not args.no_log)
+    result = compare(runs, out_dir=out, experiment_id=exp_id, parent_run_id=args.parent, log=not args.no_log,
+                     plotlyjs=args.plotlyjs)
     print(f"compared {len(result.run_ids)} landscapes: {out} (MLflow run {result.run_id})")
     return result
 

@@ -135,8 +135,11 @@ def dedupe_by_store(runs: list[Run]) -> tuple[list[Run], list[Run]]:
 
 
 def compare(runs: list[Run], *, out_dir: Path, experiment_id: str, parent_run_id: str | None = None,
-            log: bool = True) -> CompareOutputs:
+            log: bool = True, plotlyjs: str = "embed") -> CompareOutputs:
     """Render the comparison of ``runs`` and log it as one run (child of ``parent_run_id``).
+
+    ``plotlyjs``: ``"embed"`` (each HTML page carries plotly.js, so it renders in MLflow's artifact
+    viewer) or ``"directory"`` (one ``plotly.min.js`` beside the pages).
 
     Raises:
         ConfigurationError: (one line, before anything is written) an empty selection, a run
@@ -164,7 +167,7 @@ def compare(runs: list[Run], *, out_dir: Path, experiment_id: str, parent_run_id
     notes = _notes(groups, skipped, duplicates)
     created = not out_dir.exists()
     try:
-        files = _render(groups, out_dir, log=log, split=len(groups) > 1)
+        files = _render(groups, out_dir, log=log, split=len(groups) > 1, plotlyjs=plotlyjs)
         table = _write_table([e for n in sorted(groups) for e in groups[n]], out_dir / "summary.csv", notes)
     except BaseException:
         if created:
@@ -258,7 +261,7 @@ def compare_mode(entries: list[_Entry], n_planes: int) -> str:
     return "per-checkpoint planes: side by side on one colour scale, no differences"
 
 
-def _render(groups: dict[int, list[_Entry]], out_dir: Path, *, log: bool, split: bool) -> list[Path]:
+def _render(groups: dict[int, list[_Entry]], out_dir: Path, *, log: bool, split: bool, plotlyjs: str) -> list[Path]:
     files: list[Path] = []
     for ndim, entries in sorted(groups.items()):
         folder = out_dir / _KIND_DIRS[ndim] if split else out_dir
@@ -268,6 +271,7 @@ def _render(groups: dict[int, list[_Entry]], out_dir: Path, *, log: bool, split:
                 files += plots.plot_comparison(
                     datasets, [e.label for e in entries], metric, out_dir=folder,
                     log=log and metric == "loss", planes=[e.plane for e in entries],
+                    include_plotlyjs=True if plotlyjs == "embed" else "directory",
                 )
         js = folder / plots.PLOTLY_JS
         if js.exists():

@@ -55,6 +55,11 @@ class Strategy(StrEnum):
     batched = "batched"
 
 
+class PlotlyJs(StrEnum):
+    embed = "embed"  # each HTML page carries plotly.js (~5 MB): renders in MLflow's artifact viewer and offline
+    directory = "directory"  # one plotly.min.js beside the pages: small pages, for browsing the folder itself
+
+
 class ModelMode(StrEnum):
     eval = "eval"  # BatchNorm with θ0's running statistics at every point, dropout off
     train = "train"  # BatchNorm with each batch's own statistics, dropout off
@@ -207,6 +212,7 @@ class PlotConfig:
     html: bool = True
     metrics: list[str] = field(default_factory=lambda: ["loss", "accuracy"])
     exports: bool = True  # landscape.nc (NetCDF, xarray) and, for planes, landscape.vts (VTK, ParaView)
+    plotlyjs: PlotlyJs = PlotlyJs.embed  # how HTML pages get plotly.js (MLflow's viewer renders only embedded pages)
 
 
 @dataclass

@@ -30,9 +30,11 @@ def report(cfg: PipelineConfig, inputs: ReportInputs) -> ReportOutputs:
 
     Plots the metrics of ``plot.metrics`` and every custom metric of ``metrics.extra``. Axis
     names, titles and reference points come from the store's provenance attrs (``directions``,
-    ``checkpoint``). Each HTML page embeds plotly.js (~5 MB): MLflow's artifact viewer shows a
-    page from a ``blob:`` URL in a sandboxed iframe, where a ``plotly.min.js`` beside it cannot
-    be loaded, so only a self-contained page renders there (and it opens offline anywhere).
+    ``checkpoint``). With ``plot.plotlyjs=embed`` (default) each HTML page embeds plotly.js
+    (~5 MB): MLflow's artifact viewer shows a page from a ``blob:`` URL in a sandboxed iframe,
+    where a ``plotly.min.js`` beside it cannot be loaded, so only a self-contained page renders
+    there. ``plot.plotlyjs=directory`` writes one shared ``plotly.min.js`` instead (small pages
+    that open from the folder, not in MLflow's viewer).
     """
     pcfg = cfg.plot
     ds = LandscapeStore.open(inputs.store, mode="r").to_xarray()
@@ -41,7 +43,7 @@ def report(cfg: PipelineConfig, inputs: ReportInputs) -> ReportOutputs:
     paths: list[Path] = []
     for metric in wanted:  # log scale for the loss only: accuracy lives in [0, 1]
         paths += plots.render_all(ds, out_dir, metrics=[metric], log=pcfg.log and metric == "loss", html=pcfg.html,
-                                  include_plotlyjs=True)
+                                  include_plotlyjs=_plotlyjs(pcfg.plotlyjs))
     paths += _trajectory_plots(ds, [m for m in wanted if ds[m].ndim == 2], out_dir, log=pcfg.log)
     exports = _exports(ds, inputs.out_dir / "exports", log=pcfg.log) if pcfg.exports else ()
     return ReportOutputs(plots=tuple(paths), artifacts=(out_dir, *exports))
@@ -73,3 +75,8 @@ def _trajectory_plots(ds: Any, metrics: list[str], out_dir: Path, *, log: bool) 
         out.append(path)
     return out
 
+
+
+def _plotlyjs(how: str) -> bool | str:
+    """``plot.plotlyjs`` as plotly's ``include_plotlyjs``: embedded (True) or one file per folder."""
+    return True if str(how) == "embed" else "directory"

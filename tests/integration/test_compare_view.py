@@ -103,7 +103,7 @@ def test_groups_by_kind_and_plane_and_dedupes_by_store(runs: Runs, tracking_at: 
     assert [r.info.run_id for r in dupes] == [runs.plane4_again.info.run_id]
 
     out = tmp_path / "cmp"
-    result = compare(selected, out_dir=out, experiment_id=project.experiment_id)
+    result = compare(selected, out_dir=out, experiment_id=project.experiment_id, plotlyjs="directory")
     assert set(result.run_ids) == {r.info.run_id for r in (runs.plane2, runs.plane4, runs.plane4_small, runs.line)}
     assert result.duplicates == (runs.plane4_again.info.run_id,)
 
@@ -147,6 +147,9 @@ def test_different_planes_side_by_side_only(runs: Runs, tracking_at: Project, tm
     names = sorted(p.name for p in (tmp_path / "two").iterdir())
     assert not any("difference" in n for n in names), names  # one kind only: no sub-folders
     assert "loss_comparison.png" in names and "summary.csv" in names
+    assert "plotly.min.js" not in names  # by default each page carries plotly.js: MLflow's viewer renders it
+    page = (tmp_path / "two" / "loss_comparison.html").read_text(encoding="utf-8")
+    assert "<script src=" not in page and len(page) > 1_000_000
     assert any("difference maps need one shared plane" in n for n in result.notes)
 
     same = pipeline_runs(run_ids=[runs.plane4.info.run_id, runs.plane4_small.info.run_id, runs.plane4_again.info.run_id])

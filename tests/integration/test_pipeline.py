@@ -301,6 +301,16 @@ def test_line(project: Project) -> None:
     assert any(Path(p).name.startswith("loss") for p in result["plots"])
 
 
+def test_html_pages_share_one_plotly_file_on_request(project: Project) -> None:
+    result = project.run("debug=default", "grid=line", "grid.steps=5", "plot.html=true", "plot.metrics=[loss]",
+                         "plot.plotlyjs=directory")
+    report = project.stages(result["run_id"])["report"]
+    files = project.artifacts(report.info.run_id, "plots")
+    assert "plots/plotly.min.js" in files and "plots/loss_log.html" in files
+    page = next(Path(p) for p in result["plots"] if p.endswith("loss_log.html"))
+    assert page.stat().st_size < 200_000 and 'src="plotly.min.js"' in page.read_text(encoding="utf-8")
+
+
 @pytest.mark.slow
 def test_1d_interpolation(project: Project) -> None:
     start, end = project.checkpoint(4), project.checkpoint(0)

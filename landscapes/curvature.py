@@ -6,9 +6,10 @@ loss ``L(θ) = Σ_b w_b·ℓ_b(θ) / Σ_b w_b`` (each batch's loss weighted the 
 cross-entropy), so no result depends on how the data are cut into batches. Products go
 through ``torch.func`` (forward-over-reverse: ``jvp`` of ``grad`` of a ``functional_call``)
 or through double backward (``torch.autograd.grad`` with ``create_graph=True``): with
-``hvp="auto"`` both are tried on the first batch and the faster one that works is kept (a model
-``torch.func`` cannot transform, or a wrapper with its own ``forward_fn``, gets double
-backward); the result records which and why (``hvp_method``, ``hvp_reason``).
+``hvp="auto"`` both are tried on the first batch and the faster one that works is kept, also
+for later calls on the same module (a model ``torch.func`` cannot transform, or a wrapper with
+its own ``forward_fn``, gets double backward); the result records which and why
+(``hvp_method``, ``hvp_reason``).
 
 - :func:`hessian_eigenvalues`: extreme eigenpairs by Lanczos with full reorthogonalization,
   restarted (Krylov–Schur) until the wanted Ritz pairs converge.
@@ -32,6 +33,7 @@ import fnmatch
 import math
 import time
 import warnings
+import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -72,6 +74,9 @@ BN_BATCHES = 10
 #: Lanczos vectors are kept in float64 while they take at most this many bytes.
 FLOAT64_BASIS_BYTES = 512 << 20
 ParamsSpec = str | Sequence[str] | None
+#: What ``hvp="auto"`` chose per module, keyed by (device, dtype, model mode, parameters, kind):
+#: later calls on the same module skip the trial (and try again if the choice fails).
+_CHOSEN: weakref.WeakKeyDictionary[nn.Module, dict[tuple, tuple[str, str]]] = weakref.WeakKeyDictionary()
 
 
 # --------------------------------------------------------------------------------------------
@@ -300,12 +305,32 @@ class _Objective:
             )
         return loss
 
+    def _memo(self, kind: str) -> tuple[dict[tuple, tuple[str, str]], tuple]:
+        key = (str(self.device), self.dtype, self.model_mode, tuple(self.space.names), kind)
+        return _CHOSEN.setdefault(self.root, {}), key
+
     def _batch(self, kind: str, theta: torch.Tensor, v: torch.Tensor | None, x: Any, y: Any, w: float) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``(loss, grad or hvp)`` of one batch's weighted loss; decides the method on first use."""
+        """``(loss, grad or hvp)`` of one batch's weighted loss; decides the method on first use
+        (or takes the choice of an earlier call on the same module, checked on this batch)."""
         if self.method is None and kind == "value":
             return self._func_batch(kind, theta, v, x, y, w)
         if self.method is None:
-            return self._choose(kind, theta, v, x, y, w)
+            memo, key = self._memo(kind)
+            if key not in memo:
+                out = self._choose(kind, theta, v, x, y, w)
+                memo[key] = (self.method, self.reason)
+                return out
+            method, reason = memo[key]
+            self.method, self.reason = method, f"{reason} (chosen at an earlier call on this module)"
+            if method == "torch.func":
+                try:
+                    return self._func_batch(kind, theta, v, x, y, w)
+                except LandscapesError:
+                    raise
+                except Exception:  # noqa: BLE001 - the module changed since: choose again
+                    del memo[key]
+                    self.method = None
+                    return self._batch(kind, theta, v, x, y, w)
         if self.method == "torch.func":
             return self._func_batch(kind, theta, v, x, y, w)
         return self._autograd_batch(kind, theta, v, x, y, w)
@@ -602,12 +627,15 @@ class HessianEigen:
 
 
 def _orthogonalize(w: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
-    """Coefficients ``h`` with ``w − Vᵀh ⟂ V`` (twice: classical Gram–Schmidt, repeated); ``w``
-    is updated in place."""
+    """Coefficients ``h`` with ``w − Vᵀh ⟂ V`` (classical Gram–Schmidt, repeated when the first
+    pass cancelled more than 1 − 1/√2 of ``w``'s norm: the DGKS criterion); ``w`` is updated in place."""
     if V.shape[0] == 0:
         return torch.zeros(0, dtype=torch.float64, device=w.device)
+    before = float(w.norm())
     h = V @ w
     w -= V.T @ h
+    if float(w.norm()) > 0.7071 * before:
+        return h.double()
     h2 = V @ w
     w -= V.T @ h2
     return (h + h2).double()
@@ -757,8 +785,8 @@ def hessian_eigenvalues(
         model_mode: ``"eval"`` (default), ``"train"``, ``"recompute_bn"`` or ``"as_is"``.
         target_key: the key of the targets in mapping batches.
         hvp: ``"auto"`` (both methods are tried on the first batch and the faster one that
-            works is kept: on a CPU double backward was 1.5–4.5× faster for small models,
-            ``benchmarks/curvature.py``), ``"func"`` (``torch.func``: ``jvp`` of ``grad`` of a
+            works is kept, and remembered for later calls on the same module: on a CPU double
+            backward was 1.5–4.5× faster for small models, ``benchmarks/curvature.py``), ``"func"`` (``torch.func``: ``jvp`` of ``grad`` of a
             ``functional_call``, never touching the module's parameters) or ``"double_backward"``.
         bn_batches: batches re-estimating BatchNorm statistics with ``"recompute_bn"``.
 

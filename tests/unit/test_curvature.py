@@ -160,6 +160,16 @@ class TestEigenvalues:
         assert a.info["hvp_method"] == "torch.func" and b.info["hvp_method"] == "double_backward"
         assert a.eigenvalues[0].item() == pytest.approx(b.eigenvalues[0].item(), rel=1e-5)
 
+    def test_auto_method_is_remembered_for_the_module(self):
+        model, data, H = case("mlp")
+        model = copy.deepcopy(model)  # a module no other test has decided for
+        first = hessian_eigenvalues(model, CE, data, k=1)
+        second = hessian_eigenvalues(model, CE, data, k=1)
+        assert "earlier call" not in first.info["hvp_reason"]
+        assert second.info["hvp_method"] == first.info["hvp_method"]
+        assert second.info["hvp_reason"].endswith("(chosen at an earlier call on this module)")
+        assert second.eigenvalues[0].item() == pytest.approx(spectrum(H)[0], rel=self.rel)
+
     def test_general_wrapper_uses_double_backward(self):
         model, (x, y), H = case("mlp")
         wrapper = L.GeneralModelWrapper(model, [model], lambda m, b: m(b))

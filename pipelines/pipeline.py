@@ -112,7 +112,15 @@ def _directions_inputs(flow: Flow) -> DirectionsInputs:
     loss = {"adapters": c.adapters, "data": c.data, "metrics": c.metrics, "model_mode": c.compute.model_mode,
             "bn_batches": c.compute.bn_batches,
             "eigen": {k: getattr(c.curvature, k) for k in ("tol", "max_iter", "seed", "hvp")}}
-    return HessianDirectionsInputs(ck, flow.towards, loss=json.dumps(_plain(loss), sort_keys=True, default=str))
+    # same run: one Lanczos, not two (the curvature stage's are θ0's: not a shared plane's origin's)
+    saved = getattr(flow.outputs.get("curvature"), "eigenvectors", None) if c.directions.origin is None else None
+    return HessianDirectionsInputs(ck, flow.towards, loss=json.dumps(_plain(loss), sort_keys=True, default=str),
+                                   eigenvectors=saved)
+
+
+def _eigenvectors_wanted(cfg: Any) -> int:
+    """The curvature stage saves the top eigenvectors when the directions stage will read them."""
+    return int(cfg.grid.dims) if cfg.directions.kind == "hessian" and cfg.directions.origin is None else 0
 
 
 def _plain(value: Any) -> Any:
@@ -126,7 +134,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("curvature", cv_stage.curvature, ("model", "adapters", "data", "metrics", "curvature"), ("checkpoint",),
           enabled=lambda cfg: cfg.curvature.enabled,
           inputs=lambda f: CurvatureInputs(f.outputs["checkpoint"].path, str(f.cfg.compute.model_mode),
-                                           f.cfg.compute.bn_batches),
+                                           f.cfg.compute.bn_batches, _eigenvectors_wanted(f.cfg)),
           place=lambda f, key: {"out_dir": f.stores / f"curvature-{key[:16]}"},
           intact=lambda f, out: _in_root(f, out.spectrum_json) or cv_stage.intact(out)),
     Stage("connectivity", cn_stage.connectivity, ("model", "adapters", "data", "metrics", "connectivity"),

@@ -5,7 +5,10 @@ dataset loss ``metrics.loss`` (the same `landscapes.Loss` the landscape's ``loss
 with `landscapes.curvature_summary` (λmax, λmin, Hutch++ trace with its standard error,
 |λmin/λmax|, negative mass of the SLQ spectrum) and, as configured, the average and
 worst-case sharpness within ``curvature.rho``. The spectral density goes to a PNG, its SLQ
-nodes and weights to JSON.
+nodes and weights to JSON. With ``eigenvectors`` > 0 (``directions.kind=hessian`` in the same
+pipeline) the one Lanczos run finds that many eigenpairs at each end, and the top ones are saved
+as a verified directions store (``eigenvectors.zarr``) for the directions stage to read instead
+of running Lanczos again.
 """
 
 from __future__ import annotations
@@ -20,7 +23,9 @@ from typing import Any
 import numpy as np
 
 import landscapes as L
+from landscapes.directions_store import save_directions, verify_directions
 from landscapes.errors import ConfigurationError
+from landscapes.params import ParameterSpace
 from pipelines.builders import as_device, build_adapters, build_data, build_loss, load_model
 from pipelines.config import PipelineConfig
 
@@ -37,6 +42,7 @@ class CurvatureInputs:
     checkpoint: Path
     model_mode: str  # compute.model_mode: the key covers it (not the rest of compute)
     bn_batches: int
+    eigenvectors: int = 0  # top eigenvectors to save for directions.kind=hessian (grid.dims), or 0
     out_dir: Path = Path(".")
 
 
@@ -47,6 +53,8 @@ class CurvatureOutputs:
     figures: dict[str, float]  # the curvature at θ0: logged on the pipeline run (and a sweep's, against the epoch)
     metrics: dict[str, float] = field(default_factory=dict)  # this stage's own cost: seconds, Hessian-vector products
     artifacts: tuple[Path, ...] = ()
+    eigenvectors: Path | None = None  # eigenvectors.zarr: the top ``inputs.eigenvectors`` (unit, descending)
+    eigenvectors_sha256: str = ""  # its manifest digest
 
 
 def loss_metric(cfg: PipelineConfig) -> tuple[L.Loss, Any, Any]:
@@ -74,7 +82,7 @@ def curvature(cfg: PipelineConfig, inputs: CurvatureInputs) -> CurvatureOutputs:
     common: dict[str, Any] = {"forward": forward, "output": output, "model_mode": inputs.model_mode,
                               "target_key": cfg.metrics.target_key}
     summary = L.curvature_summary(
-        model, None, loss, trace_probes=c.trace_probes, spectrum_probes=c.spectrum_probes, steps=c.steps,
+        model, None, loss, k=max(1, inputs.eigenvectors), trace_probes=c.trace_probes, spectrum_probes=c.spectrum_probes, steps=c.steps,
         tol=c.tol, max_iter=c.max_iter, negative_threshold=c.negative_threshold, seed=c.seed,
         hvp=str(c.hvp), bn_batches=inputs.bn_batches, **common,
     )
@@ -100,9 +108,26 @@ def curvature(cfg: PipelineConfig, inputs: CurvatureInputs) -> CurvatureOutputs:
         "metrics": metrics,
     }, indent=1, default=str))
     _plot_density(spectrum, summary, png)
+    vectors, digest = _save_eigenvectors(model, summary.eigen, inputs) if inputs.eigenvectors else (None, "")
     cost = {"hessian_vector_products": metrics.pop("hessian_vector_products", 0.0),
             "curvature_seconds": time.perf_counter() - started}
-    return CurvatureOutputs(spectrum_json=js, spectrum_png=png, figures=metrics, metrics=cost, artifacts=(png, js))
+    return CurvatureOutputs(spectrum_json=js, spectrum_png=png, figures=metrics, metrics=cost, artifacts=(png, js),
+                            eigenvectors=vectors, eigenvectors_sha256=digest)
+
+
+def _save_eigenvectors(model: Any, eigen: L.HessianEigen, inputs: CurvatureInputs) -> tuple[Path, str]:
+    """The top ``inputs.eigenvectors`` eigenvectors as a directions store, eigenvalues in its attrs."""
+    top = inputs.eigenvectors
+    space = ParameterSpace.from_module(model)
+    flat = np.stack([space.flatten(d).detach().cpu().double().numpy() for d in eigen.eigenvectors[:top]])
+    path = inputs.out_dir / "eigenvectors.zarr"
+    record = save_directions(path, flat.astype(np.float32), {
+        "kind": "hessian", "eigenvalues": [float(v) for v in eigen.eigenvalues[:top]],
+        "residuals": [float(r) for r in eigen.residuals[:top]], "converged": bool(eigen.converged),
+        "hessian_vector_products": int(eigen.hvps), "checkpoint": str(inputs.checkpoint),
+        "parameters": [[s.name, list(s.shape), s.kind] for s in space.specs],
+    }, on_conflict="replace")
+    return path, record.sha256
 
 
 def _plot_density(spectrum: L.SpectralDensity, summary: L.CurvatureSummary, path: Path) -> None:
@@ -134,4 +159,18 @@ def intact(outputs: CurvatureOutputs) -> str | None:
     for p in (outputs.spectrum_json, outputs.spectrum_png):
         if not Path(p).is_file():
             return f"{p} is missing"
+    if outputs.eigenvectors is not None:
+        return store_intact(outputs.eigenvectors, outputs.eigenvectors_sha256)
+    return None
+
+
+def store_intact(path: Path, sha256: str) -> str | None:
+    """Why the directions store at ``path`` is not the one a run recorded (missing, damaged,
+    other values), or None."""
+    try:
+        record = verify_directions(path)
+    except (OSError, ValueError) as err:  # StoreError, IntegrityError
+        return str(err).splitlines()[0]
+    if record.sha256 != sha256:
+        return f"{path} holds other values than the run recorded (sha256 {record.sha256[:12]}…)"
     return None

@@ -15,12 +15,12 @@ import numpy as np
 import torch
 
 import landscapes as L
-from landscapes.directions_store import load_directions, save_directions, verify_directions
+from landscapes.directions_store import load_directions, save_directions
 from landscapes.errors import ConfigurationError
 from landscapes.params import ParameterSpace
 from pipelines.builders import load_model
 from pipelines.config import PipelineConfig
-from pipelines.stages.curvature import loss_metric
+from pipelines.stages.curvature import loss_metric, store_intact
 from pipelines.stages.pca import pca_plane
 
 __all__ = ["DirectionsInputs", "DirectionsOutputs", "directions", "intact", "load_directions", "save_directions"]
@@ -40,6 +40,7 @@ class HessianDirectionsInputs(DirectionsInputs):
     metrics, adapters, model mode, eigen-solver options), so the stage's key covers it."""
 
     loss: str = ""
+    eigenvectors: Path | None = None  # the curvature stage's eigenvectors.zarr (same run, same settings), if any
 
 
 @dataclass(frozen=True)
@@ -65,7 +66,7 @@ def directions(cfg: PipelineConfig, inputs: DirectionsInputs) -> DirectionsOutpu
     seeds: tuple[int, ...] = ()
     extra: dict[str, Any] = {}
     if dcfg.kind == "hessian":
-        dirs, extra = _hessian(cfg, model, dims)
+        dirs, extra = _hessian(cfg, model, dims, getattr(inputs, "eigenvectors", None))
         norm, ignore = None, None  # unit eigenvectors, stored as they are
     elif dcfg.kind == "pca":
         dirs, extra = pca_plane(cfg, model, inputs.trajectory, dims, normalization=norm, ignore=ignore)
@@ -105,13 +106,20 @@ def directions(cfg: PipelineConfig, inputs: DirectionsInputs) -> DirectionsOutpu
         metrics |= {f"direction_{i}_{what}": v for i, v in enumerate(extra.get(what, ()))}
     if "trajectory" in extra:
         metrics["plane_explained_fraction"] = extra["trajectory"]["plane_explained"]
+    if "hessian_vector_products" in extra:
+        metrics["hessian_vector_products"] = float(extra["hessian_vector_products"])  # 0: read, not computed
     if cos is not None:
         metrics["direction_cosine"] = cos
     return DirectionsOutputs(path, str(dcfg.kind), seeds, str(norm), norms, cos, cos_after, record.sha256, metrics)
 
 
-def _hessian(cfg: PipelineConfig, model: torch.nn.Module, dims: int) -> tuple[list[dict[str, torch.Tensor]], dict[str, Any]]:
-    """The top ``dims`` Hessian eigenvectors of the dataset loss at θ0 (descending eigenvalues)."""
+def _hessian(cfg: PipelineConfig, model: torch.nn.Module, dims: int,
+             saved: Path | None = None) -> tuple[list[dict[str, torch.Tensor]], dict[str, Any]]:
+    """The top ``dims`` Hessian eigenvectors of the dataset loss at θ0 (descending eigenvalues):
+    read from the curvature stage's ``saved`` store when it holds them, else computed."""
+    reused = _saved_eigenvectors(saved, model, dims) if saved is not None else None
+    if reused is not None:
+        return reused
     c = cfg.curvature
     loss, forward, output = loss_metric(cfg)
     eig = L.hessian_eigenvalues(
@@ -124,12 +132,20 @@ def _hessian(cfg: PipelineConfig, model: torch.nn.Module, dims: int) -> tuple[li
                      "converged": bool(eig.converged), "hessian_vector_products": int(eig.hvps)}
 
 
+def _saved_eigenvectors(path: Path, model: torch.nn.Module,
+                        dims: int) -> tuple[list[dict[str, torch.Tensor]], dict[str, Any]] | None:
+    """The curvature stage's top eigenvectors, when the store is intact and fits this model and ``dims``."""
+    flat, attrs = load_directions(path)  # verified: digests, finite, no zero row
+    space = ParameterSpace.from_module(model)
+    if flat.shape[0] < dims or flat.shape[1] != space.numel or attrs.get("kind") != "hessian":
+        return None
+    rows = torch.from_numpy(flat[:dims].astype(np.float32))
+    vectors = [{k: v.clone() for k, v in space.unflatten(row).items()} for row in rows]
+    return vectors, {"eigenvalues": attrs["eigenvalues"][:dims], "residuals": attrs["residuals"][:dims],
+                     "converged": bool(attrs["converged"]), "hessian_vector_products": 0,
+                     "eigenvectors_from": str(path)}
+
+
 def intact(outputs: DirectionsOutputs) -> str | None:
     """Why a finished run's directions cannot be reused (missing, damaged, other values), or None."""
-    try:
-        record = verify_directions(outputs.path)
-    except (OSError, ValueError) as err:  # StoreError, IntegrityError
-        return str(err).splitlines()[0]
-    if record.sha256 != outputs.sha256:
-        return f"{outputs.path} holds other values than the run recorded (sha256 {record.sha256[:12]}…)"
-    return None
+    return store_intact(outputs.path, outputs.sha256)

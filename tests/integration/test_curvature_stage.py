@@ -101,10 +101,28 @@ def test_hessian_plane_runs_end_to_end(project: Project) -> None:
     assert [round(float(n), 5) for n in (flat.astype("float64") ** 2).sum(1)] == [1.0, 1.0]  # unit eigenvectors
     eigenvalues = attrs["eigenvalues"]
     assert eigenvalues[0] >= eigenvalues[1]
-    curv = project.client.get_run(result["run_id"]).data.metrics
-    assert eigenvalues[0] == pytest.approx(curv["lambda_max"], rel=1e-3)
+    curv = project.client.get_run(result["run_id"]).data.metrics  # the figures are the pipeline run's
+    assert eigenvalues[0] == curv["lambda_max"]  # the same Lanczos run
     assert stages["directions"].data.metrics["direction_0_eigenvalue"] == pytest.approx(eigenvalues[0])
     assert "lambda_max" not in stages["curvature"].data.metrics
+
+    # one Lanczos run: the curvature stage's; the directions stage read its eigenvectors
+    saved, saved_attrs = load_directions(attrs["eigenvectors_from"])
+    assert Path(attrs["eigenvectors_from"]).parent.name.startswith("curvature-")
+    assert saved_attrs["hessian_vector_products"] > 0 and saved_attrs["eigenvalues"][:2] == eigenvalues
+    assert stages["directions"].data.metrics["hessian_vector_products"] == 0
+    np.testing.assert_array_equal(saved[:2], flat)
+
+    # without the curvature stage the directions stage runs Lanczos itself, to the same plane
+    alone = project.run("experiment=hessian_plane", "debug=default", *FAST, "curvature.enabled=false")
+    alone_stages = project.stages(alone["run_id"])
+    assert "curvature" not in alone_stages
+    assert alone_stages["directions"].data.metrics["hessian_vector_products"] > 0
+    own, own_attrs = load_directions(alone["directions"])
+    assert "eigenvectors_from" not in own_attrs
+    np.testing.assert_allclose(own_attrs["eigenvalues"], eigenvalues, rtol=1e-6)
+    assert abs(float(own[0].astype("float64") @ flat[0].astype("float64"))) == pytest.approx(1.0, abs=1e-4)
+
     # the key covers the data: another limit, other eigenvectors
     other = project.run("experiment=hessian_plane", "debug=default", *FAST, "data.limit=64")
     assert other["directions"] != result["directions"]

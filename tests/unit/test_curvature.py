@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import numpy as np
@@ -82,6 +83,23 @@ def case(kind: str):
     return _CACHE[kind]
 
 
+def trained(kind: str):
+    """The case's model after 50 full-batch Adam steps (near a minimum, as curvature is used),
+    its data and dense Hessian."""
+    key = "trained-" + kind
+    if key not in _CACHE:
+        model, (x, y), _ = case(kind)
+        model = copy.deepcopy(model)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+        for _ in range(50):
+            opt.zero_grad()
+            CE(model(x), y).backward()
+            opt.step()
+        model.eval()
+        _CACHE[key] = (model, (x, y), dense_hessian(model, CE, x, y)[0])
+    return _CACHE[key]
+
+
 def _flat(direction: dict[str, torch.Tensor]) -> torch.Tensor:
     return torch.cat([t.detach().double().reshape(-1) for t in direction.values()])
 
@@ -141,6 +159,16 @@ class TestEigenvalues:
         b = hessian_eigenvalues(model, CE, data, k=1, hvp="double_backward")
         assert a.info["hvp_method"] == "torch.func" and b.info["hvp_method"] == "double_backward"
         assert a.eigenvalues[0].item() == pytest.approx(b.eigenvalues[0].item(), rel=1e-5)
+
+    def test_auto_method_is_remembered_for_the_module(self):
+        model, data, H = case("mlp")
+        model = copy.deepcopy(model)  # a module no other test has decided for
+        first = hessian_eigenvalues(model, CE, data, k=1)
+        second = hessian_eigenvalues(model, CE, data, k=1)
+        assert "earlier call" not in first.info["hvp_reason"]
+        assert second.info["hvp_method"] == first.info["hvp_method"]
+        assert second.info["hvp_reason"].endswith("(chosen at an earlier call on this module)")
+        assert second.eigenvalues[0].item() == pytest.approx(spectrum(H)[0], rel=self.rel)
 
     def test_general_wrapper_uses_double_backward(self):
         model, (x, y), H = case("mlp")
@@ -270,6 +298,10 @@ class TestFailures:
         with pytest.raises(L.ConfigurationError, match=match):
             hessian_eigenvalues(make_mlp(), CE, _data(10, 6, 0), **kwargs)
 
+    def test_bad_deflate(self):
+        with pytest.raises(L.ConfigurationError, match=r"deflate=-1: expected a count ≥ 0"):
+            hessian_spectrum(make_mlp(), CE, _data(10, 6, 0), deflate=-1)
+
     def test_tensor_data(self):
         with pytest.raises(L.ConfigurationError, match=r"data is a Tensor; pass an \(inputs, target\) pair"):
             hessian_trace(make_mlp(), CE, torch.zeros(3, 6))
@@ -306,7 +338,7 @@ class TestSpectrum:
         quadrature with m ≥ 2 nodes is exact to degree 2m − 1."""
         model, data, H = case(kind)
         n = H.shape[0]
-        dens = hessian_spectrum(model, CE, data, probes=3, steps=8, seed=4)
+        dens = hessian_spectrum(model, CE, data, probes=3, steps=8, seed=4, deflate=0)
         gen = torch.Generator().manual_seed(4)  # the documented probe draws
         for p in range(3):
             v = (torch.randint(0, 2, (n,), generator=gen, dtype=torch.float64) * 2 - 1) / n**0.5
@@ -315,17 +347,41 @@ class TestSpectrum:
             got = [float(np.sum(dens.weights[p] * dens.nodes[p] ** k)) for k in range(4)]
             np.testing.assert_allclose(got, want, rtol=2e-4, atol=1e-7)
 
-    @pytest.mark.parametrize("kind", CASES)
-    def test_moments_within_three_standard_errors(self, kind):
-        model, data, H = case(kind)
+    @pytest.mark.parametrize("kind", [pytest.param(k, id=k) for k in ("mlp", "cnn_bn")])
+    def test_moments_within_five_percent_near_a_minimum(self, kind):
+        """Default probes (10) and deflation (20 exact pairs), one fixed seed: both moments within
+        5 %, and with standard errors small enough that this is no luck of the seed. (Gauss
+        quadrature with 4 nodes is exact to degree 7: more steps change no moment ≤ 2.)"""
+        model, data, H = trained(kind)
         n = H.shape[0]
-        dens = hessian_spectrum(model, CE, data, probes=30, steps=6, seed=0)
+        dens = hessian_spectrum(model, CE, data, steps=4, seed=0)
+        assert dens.deflated == 20 and dens.nodes.shape == (10, 24)
+        np.testing.assert_allclose(dens.weights.sum(axis=1), 1.0, rtol=1e-12)
         exact = {1: float(torch.trace(H)) / n, 2: float((H * H).sum()) / n}
         for k, want in exact.items():
-            per = np.sum(dens.weights * dens.nodes**k, axis=1)
-            se = per.std(ddof=1) / np.sqrt(per.size)
+            assert dens.moment(k) == pytest.approx(want, rel=0.05), k
+            se = dens.moments(k).std(ddof=1) / np.sqrt(10)
+            assert 2 * se <= 0.05 * abs(want), k
+        # the deflated nodes are the 20 eigenvalues of largest |λ|
+        dense = spectrum(H)
+        top = np.sort(dense[np.argsort(-np.abs(dense))[:20]])
+        np.testing.assert_allclose(np.sort(dens.nodes[0, :20]), top, atol=1e-3 * np.abs(dense).max())
+
+    @pytest.mark.parametrize("kind", CASES)
+    def test_moments_at_random_initialization(self, kind):
+        """An indefinite Hessian at initialization: ‖H‖²_F/n within 5 %; the mean eigenvalue is a
+        near-cancellation (tr H/n is 0.8 % of the RMS eigenvalue on the MLP: a Rademacher probe's
+        relative standard deviation is 0.4–1.5 even after deflation), so it is checked against
+        its standard error only."""
+        model, data, H = case(kind)
+        n = H.shape[0]
+        dens = hessian_spectrum(model, CE, data, probes=30, steps=4, seed=0)
+        exact = {1: float(torch.trace(H)) / n, 2: float((H * H).sum()) / n}
+        assert dens.moment(2) == pytest.approx(exact[2], rel=0.05)
+        for k, want in exact.items():
+            se = dens.moments(k).std(ddof=1) / np.sqrt(30)
             assert abs(dens.moment(k) - want) <= 3 * se
-        assert dens.lambda_max == pytest.approx(spectrum(H)[0], rel=1e-2)  # 6 steps: roughly
+        assert dens.lambda_max == pytest.approx(spectrum(H)[0], rel=1e-3)  # deflated: exact
 
     def test_density_integrates_to_one(self):
         model, data, H = case("mlp")
@@ -339,7 +395,7 @@ class TestSpectrum:
         mass ‖P₁v‖² on λ₁ (PyHessian before its PR #23 used other components)."""
         net = nn.Linear(2, 1, bias=False)
         x = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
-        dens = hessian_spectrum(net, nn.MSELoss(), (x, torch.zeros(2, 1)), probes=1, steps=2)
+        dens = hessian_spectrum(net, nn.MSELoss(), (x, torch.zeros(2, 1)), probes=1, steps=2, deflate=0)
         row = dens.weights[0][np.argsort(dens.nodes[0])]
         np.testing.assert_allclose(np.sort(dens.nodes[0]), [1.0, 4.0], rtol=1e-6)
         np.testing.assert_allclose(row, [0.5, 0.5], rtol=1e-6)  # Rademacher/√2: half on each
@@ -396,3 +452,13 @@ class TestGridMetrics:
         v = _flat(d)
         assert curv[1] == pytest.approx(float(v @ H @ v / (v @ v)), rel=1e-4)
         assert np.all(np.isfinite(grad)) and grad[0] != grad[1]
+
+
+def test_benchmark_power_iteration_finds_the_top_two():
+    """The PyHessian-style comparison of benchmarks/curvature.py, on a known diagonal Hessian."""
+    from benchmarks.curvature import power_iteration
+
+    d = torch.tensor([5.0, 3.0, 1.0, 0.5, -0.2], dtype=torch.float64)
+    values, products = power_iteration(lambda v: d * v, 5, top_n=2, seed=0)
+    np.testing.assert_allclose(values, [5.0, 3.0], rtol=1e-2)
+    assert 2 < products <= 200

@@ -91,7 +91,7 @@ def evaluate(cfg: PipelineConfig, inputs: EvaluateInputs, backend: Backend | Non
     evaluator = L.Evaluator(
         model, metrics, torch.from_numpy(flat), device=device, strategy=str(ccfg.strategy),
         model_mode=str(ccfg.model_mode), memory_budget=ccfg.memory_budget, max_batch_points=ccfg.max_batch_points,
-        forward=forward, output=output, bn_batches=ccfg.bn_batches,
+        forward=forward, output=output, bn_batches=ccfg.bn_batches, precision=str(ccfg.precision),
     )
     check_memory_budget(evaluator, ccfg.memory_budget)
     resume = cfg.resume

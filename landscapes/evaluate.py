@@ -602,10 +602,15 @@ class Evaluator:
         return run(x, c, params, self._first, buffers, cache)
 
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
-        """bfloat16 autocast around a forward with ``precision="bf16"``, else nothing."""
+        """bfloat16 autocast around a forward with ``precision="bf16"``, else nothing.
+
+        Without autocast's weight cache: it keeps the bf16 copy of each parameter for as long
+        as the autocast region lasts, so a region spanning several points (the recompute_bn
+        path, a custom metric's own loop) would compute them all with the first one's weights.
+        """
         if self.precision != "bf16":
             return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, cache_enabled=False)
 
     @contextlib.contextmanager
     def _tf32(self) -> Iterator[None]:

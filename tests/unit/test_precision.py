@@ -198,3 +198,19 @@ def test_evaluate_stage_records_the_precision_in_the_store(tmp_path: Path) -> No
         values[p] = store.read("loss")
     np.testing.assert_allclose(values["bf16"], values["fp32"], rtol=BF16_RTOL)
     assert not np.array_equal(values["bf16"], values["fp32"])
+
+
+@pytest.mark.parametrize("model_mode", ["eval", "recompute_bn"])
+def test_bf16_uses_each_points_own_weights(image_data, model_mode) -> None:
+    """Autocast caches bf16 copies of parameters for as long as its region lasts; a region
+    spanning several points would give every point the first one's weights. Far along a
+    line the loss moves much more than bf16's rounding, so stale weights could not pass."""
+    x, y = image_data
+    model = make_cnn(batchnorm=True)
+    dirs = [L.random_direction(model, seed=0)]
+    metric = L.Loss(nn.CrossEntropyLoss(), x, y)
+    axes = [L.axis(-3, 3, 5)]
+    fp32 = L.evaluate(model, metric, dirs, axes, strategy="loop", model_mode=model_mode)
+    bf16 = L.evaluate(model, metric, dirs, axes, strategy="loop", model_mode=model_mode, precision="bf16")
+    assert np.ptp(fp32["loss"]) > 0.3  # the line really moves
+    np.testing.assert_allclose(bf16["loss"], fp32["loss"], rtol=BF16_RTOL)

@@ -2,18 +2,19 @@
 
 Three ways to write θ = θ0 + Σ cᵢ·dᵢ into the model at each point, every one from scratch:
 
-* ``in place`` (the engine's): per parameter, ``torch.add(θ0, d₁, alpha=c₁, out=param)``
-  then ``param.add_(dᵢ, alpha=cᵢ)``; nothing of size m·n, no temporary;
+* ``addmv`` (the engine's): one ``addmv`` into a preallocated flat buffer, then one foreach
+  copy into the parameters;
+* ``in place``: per parameter, ``torch.add(θ0, d₁, alpha=c₁, out=param)`` then
+  ``param.add_(dᵢ, alpha=cᵢ)``; nothing of size m·n, no temporary;
 * ``foreach``: per parameter, copy θ0's slice, then add each direction's slice scaled by cᵢ
   (``torch._foreach_copy_`` / ``torch._foreach_add_``): one more pass over the parameters;
-* ``addmv``: one ``addmv`` into a preallocated flat buffer, then one foreach copy into the
-  parameters;
 * ``matrix`` (the engine before): the chunk's ``(m, n)`` matrix ``origin + C·B`` in one
   ``addmm``, then each point's row copied into the parameters.
 
 Workloads: torchvision's ResNet-18 (random init, 10 classes, 11 M parameters) on 64 random
 3×32×32 images in one batch (skipped without torchvision), W-CNN and W-MLP-a of the suite
-(strategy ``loop``). All three ways run on the same points, alternating, ``--repeats`` rounds;
+(strategy ``loop``). Every way runs on the same points, alternating (the order rotated from
+round to round), ``--repeats`` rounds;
 the table gives the median seconds per point. The machine may be shared with other jobs:
 alternating and medians are what make the comparison fair, not the absolute figures.
 """
@@ -50,17 +51,20 @@ class _ForeachEvaluator(Evaluator):
         return set_point
 
 
-class _AddmvEvaluator(Evaluator):
+class _InPlaceEvaluator(Evaluator):
     def _setter(self, c: torch.Tensor) -> Callable[[int], None]:
         named = dict(self.root.named_parameters())
         params = [named[s.name] for s in self.space.specs]
-        buf = torch.empty_like(self.origin)
-        views = [buf[s.offset : s.stop].view(s.shape) for s in self.space.specs]
-        basis_t = self.basis.T
+        origin = [self.origin[s.offset : s.stop].view(s.shape) for s in self.space.specs]
+        basis = [[row[s.offset : s.stop].view(s.shape) for s in self.space.specs] for row in self.basis]
+        coords = c.tolist()
 
         def set_point(p: int) -> None:
-            torch.addmv(self.origin, basis_t, c[p], out=buf)
-            torch._foreach_copy_(params, views)
+            (a, first), *rest = zip(coords[p], basis, strict=True)
+            for i, (param, o, d) in enumerate(zip(params, origin, first, strict=True)):
+                torch.add(o, d, alpha=a, out=param)
+                for b, rows in rest:
+                    param.add_(rows[i], alpha=b)
 
         return set_point
 
@@ -71,7 +75,7 @@ class _MatrixEvaluator(Evaluator):
 
 
 WAYS: dict[str, type[Evaluator]] = {
-    "in place": Evaluator, "foreach": _ForeachEvaluator, "addmv": _AddmvEvaluator, "matrix": _MatrixEvaluator,
+    "addmv": Evaluator, "in place": _InPlaceEvaluator, "foreach": _ForeachEvaluator, "matrix": _MatrixEvaluator,
 }
 
 
@@ -103,19 +107,24 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--steps", type=int, default=7, help="grid points per axis (ResNet-18: half)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--only", default=None, help="run only the workloads whose name starts with this")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     print(f"{args.threads} threads, {args.repeats} alternating rounds, median s/point (shared machine)")
     print(f"{'workload':<60} {'way':<8} {'s/point':>9} {'vs matrix':>9} {'max rel diff':>12}")
     for name, model, x, y, steps in _workloads(args.steps):
+        if args.only and not name.startswith(args.only):
+            continue
         metric = L.Loss(nn.CrossEntropyLoss(), x, y)
         dirs = [L.random_direction(model, normalization="filter", ignore="biasbn", seed=s) for s in (0, 1)]
         coords = L.Grid([L.axis(-1, 1, steps)] * 2).coordinates((slice(None), slice(None)))
         evaluators = {way: cls(model, metric, dirs, strategy="loop") for way, cls in WAYS.items()}
         times: dict[str, list[float]] = {way: [] for way in WAYS}
         values: dict[str, np.ndarray] = {}
-        for _ in range(args.repeats):
-            for way, ev in evaluators.items():
+        ways = list(evaluators)
+        for r in range(args.repeats):  # a different order each round: no way always runs first
+            for way in ways[r % len(ways) :] + ways[: r % len(ways)]:
+                ev = evaluators[way]
                 started = time.perf_counter()
                 values[way] = ev.evaluate_points(coords)["loss"]
                 times[way].append((time.perf_counter() - started) / len(coords))

@@ -637,32 +637,25 @@ class Evaluator:
         return torch.addmm(self.origin.unsqueeze(0), c, self.basis)
 
     def _setter(self, c: torch.Tensor) -> Callable[[int], None]:
-        """A function writing point ``p`` of ``c`` ``(m, k)`` into the model's parameters in
-        place, from scratch: per parameter, ``torch.add(origin, d₁, alpha=c₁, out=param)``,
-        then ``param.add_(dᵢ, alpha=cᵢ)`` for the other directions (zero coordinates skipped).
+        """A function writing point ``p`` of ``c`` ``(m, k)`` into the model's parameters, from
+        scratch: one ``addmv`` (``origin + basisᵀ·c[p]``) into a flat buffer of n numbers,
+        then one foreach copy into the parameters.
 
-        No ``(m, n)`` matrix of the points' parameters is formed: on ResNet-18 (11 M
-        parameters) writing it and reading it back cost as much as the convolutions. This way
-        reads the origin and directions once and writes each parameter k times, with no
-        temporary (``python -m benchmarks.theta_build`` compares it with the matrix and with
-        an ``addmv`` into a flat buffer; docs/benchmarks.md has the figures).
+        No ``(m, n)`` matrix of the chunk's points is formed: on ResNet-18 (11 M parameters)
+        writing it and reading it back cost as much as the convolutions. Of the ways measured
+        by ``python -m benchmarks.theta_build`` (this one, the matrix, per-parameter
+        ``torch.add(..., out=param)`` and foreach adds), this one was the fastest in the
+        whole loop on ResNet-18; docs/benchmarks.md has the figures.
         """
         named = dict(self.root.named_parameters())
         params = [named[s.name] for s in self.space.specs]
-        origin = [self.origin[s.offset : s.stop].view(s.shape) for s in self.space.specs]
-        basis = [[row[s.offset : s.stop].view(s.shape) for s in self.space.specs] for row in self.basis]
-        coords = c.tolist()  # one transfer per chunk; the scalars are the adds' alphas
+        theta = torch.empty_like(self.origin)
+        views = [theta[s.offset : s.stop].view(s.shape) for s in self.space.specs]
+        basis_t = self.basis.T  # (n, k)
 
         def set_point(p: int) -> None:
-            moves = [(a, rows) for a, rows in zip(coords[p], basis, strict=True) if a != 0.0]
-            if not moves:
-                torch._foreach_copy_(params, origin)
-                return
-            (a, first), rest = moves[0], moves[1:]
-            for i, (param, o, d) in enumerate(zip(params, origin, first, strict=True)):
-                torch.add(o, d, alpha=a, out=param)
-                for b, rows in rest:
-                    param.add_(rows[i], alpha=b)
+            torch.addmv(self.origin, basis_t, c[p], out=theta)
+            torch._foreach_copy_(params, views)
 
         return set_point
 

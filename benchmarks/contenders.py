@@ -101,8 +101,8 @@ class EngineContender:
     def run(self, workload: Workload, directions: Directions) -> RunOutput:
         import landscapes
 
-        if workload.batches is not None:  # dict batches, labels inside; next-token loss on the logits
-            metric = landscapes.Loss(nn.CrossEntropyLoss(), workload.batches, shift=True)
+        if workload.batches is not None:  # dict batches, labels inside: the model's own next-token loss
+            metric = landscapes.ModelLoss(workload.batches, shift=True)
         else:
             metric = landscapes.Loss(nn.CrossEntropyLoss(), workload.inputs, workload.targets)
         kwargs: dict[str, Any] = {"strategy": self.strategy, "device": None, "precision": workload.precision}

@@ -2,10 +2,10 @@
 
 Three ways to write θ = θ0 + Σ cᵢ·dᵢ into the model at each point, every one from scratch:
 
-* ``addmv`` (the engine's): one ``addmv`` into a preallocated flat buffer, then one foreach
-  copy into the parameters;
-* ``in place``: per parameter, ``torch.add(θ0, d₁, alpha=c₁, out=param)`` then
+* ``in place`` (the engine's): per parameter, ``torch.add(θ0, d₁, alpha=c₁, out=param)`` then
   ``param.add_(dᵢ, alpha=cᵢ)``; nothing of size m·n, no temporary;
+* ``addmv``: one ``addmv`` into a preallocated flat buffer, then one foreach copy into the
+  parameters;
 * ``foreach``: per parameter, copy θ0's slice, then add each direction's slice scaled by cᵢ
   (``torch._foreach_copy_`` / ``torch._foreach_add_``): one more pass over the parameters;
 * ``matrix`` (the engine before): the chunk's ``(m, n)`` matrix ``origin + C·B`` in one
@@ -51,20 +51,17 @@ class _ForeachEvaluator(Evaluator):
         return set_point
 
 
-class _InPlaceEvaluator(Evaluator):
+class _AddmvEvaluator(Evaluator):
     def _setter(self, c: torch.Tensor) -> Callable[[int], None]:
         named = dict(self.root.named_parameters())
         params = [named[s.name] for s in self.space.specs]
-        origin = [self.origin[s.offset : s.stop].view(s.shape) for s in self.space.specs]
-        basis = [[row[s.offset : s.stop].view(s.shape) for s in self.space.specs] for row in self.basis]
-        coords = c.tolist()
+        theta = torch.empty_like(self.origin)
+        views = [theta[s.offset : s.stop].view(s.shape) for s in self.space.specs]
+        basis_t = self.basis.T
 
         def set_point(p: int) -> None:
-            (a, first), *rest = zip(coords[p], basis, strict=True)
-            for i, (param, o, d) in enumerate(zip(params, origin, first, strict=True)):
-                torch.add(o, d, alpha=a, out=param)
-                for b, rows in rest:
-                    param.add_(rows[i], alpha=b)
+            torch.addmv(self.origin, basis_t, c[p], out=theta)
+            torch._foreach_copy_(params, views)
 
         return set_point
 
@@ -75,7 +72,7 @@ class _MatrixEvaluator(Evaluator):
 
 
 WAYS: dict[str, type[Evaluator]] = {
-    "addmv": Evaluator, "in place": _InPlaceEvaluator, "foreach": _ForeachEvaluator, "matrix": _MatrixEvaluator,
+    "in place": Evaluator, "addmv": _AddmvEvaluator, "foreach": _ForeachEvaluator, "matrix": _MatrixEvaluator,
 }
 
 

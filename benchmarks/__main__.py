@@ -60,8 +60,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--quick",
         action="store_true",
-        help="a smoke run (< 60 s on 2 idle cores): 11×11 MLP grids, 5×5 CNN and GPU grids, "
-        "5,000 GPU images, each strategy at its own tile size only, 1 repeat",
+        help="a smoke run (about 70 s on 2 idle cores): 11×11 MLP grids, 5×5 CNN, LM and GPU "
+        "grids, 8 LM sequences, 5,000 GPU images, each strategy at its own tile size only, 1 repeat",
     )
     p.add_argument(
         "--gpu-steps",

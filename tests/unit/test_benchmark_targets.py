@@ -73,3 +73,12 @@ def test_precisions_compare_each_contender_with_itself_in_fp32() -> None:
     assert fp32[DEFAULT].max_rel_diff_vs_fp32 is None
     assert bf16[DEFAULT].max_rel_diff_vs_fp32 == pytest.approx(0.05)
     assert bf16[LOOP].max_rel_diff_vs_fp32 == 0.0
+
+
+def test_bad_precisions_option_names_the_choices(capsys) -> None:
+    from benchmarks.__main__ import _parse
+
+    assert _parse(["--precisions", "bf16,fp32"]).precisions == ["bf16", "fp32"]
+    with pytest.raises(SystemExit):
+        _parse(["--precisions", "fp32,fp16"])
+    assert "--precisions=fp32,fp16: choose from fp32, tf32, bf16" in capsys.readouterr().err

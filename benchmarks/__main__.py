@@ -60,8 +60,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--quick",
         action="store_true",
-        help="a smoke run (< 60 s on 2 idle cores): 11×11 MLP grids, 5×5 CNN and GPU grids, "
-        "5,000 GPU images, each strategy at its own tile size only, 1 repeat",
+        help="a smoke run (about 70 s on 2 idle cores): 11×11 MLP grids, 5×5 CNN, LM and GPU "
+        "grids, 8 LM sequences, 5,000 GPU images, each strategy at its own tile size only, 1 repeat",
     )
     p.add_argument(
         "--gpu-steps",
@@ -74,6 +74,25 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         type=int,
         default=None,
         help="W-GPU synthetic images (default 50,000; 5,000 with --quick)",
+    )
+    p.add_argument(
+        "--precisions",
+        default=None,
+        help="comma-separated precisions (fp32, tf32, bf16) to run every workload in, e.g. "
+        "fp32,bf16: each precision's speed and its max relative difference from fp32 "
+        "(contender by contender; tf32 on CUDA workloads only). Default: each workload's own",
+    )
+    p.add_argument(
+        "--lm-steps",
+        type=int,
+        default=None,
+        help="W-LM grid points per axis (default 21; 5 with --quick)",
+    )
+    p.add_argument(
+        "--lm-sequences",
+        type=int,
+        default=None,
+        help="W-LM sequences of 128 tokens (default 64; 8 with --quick)",
     )
     p.add_argument(
         "--threads",
@@ -116,7 +135,42 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         args.max_foreign = 1.0 if args.quick else 0.1
     if args.repeats < 1:
         p.error(f"--repeats={args.repeats}: need at least one timed run")
+    if args.precisions is not None:
+        args.precisions = [x.strip() for x in args.precisions.split(",") if x.strip()]
+        bad = [x for x in args.precisions if x not in PRECISIONS]
+        if bad or not args.precisions:
+            p.error(f"--precisions={','.join(args.precisions)}: choose from {', '.join(PRECISIONS)}")
     return args
+
+
+PRECISIONS = ("fp32", "tf32", "bf16")
+
+
+def _by_precision(workloads: list[Workload], precisions: list[str] | None, notes: list[str]) -> list[Workload]:
+    """Each workload once per precision (fp32 first, the reference), named ``W [p]``."""
+    if not precisions:
+        return workloads
+    order = sorted(set(precisions), key=PRECISIONS.index)
+    out = []
+    for w in workloads:
+        for prec in order:
+            if prec == "tf32" and w.device.type != "cuda":
+                notes.append(f"{w.name} [tf32] skipped: TF32 is CUDA only")
+                continue
+            out.append(dataclasses.replace(w, name=f"{w.name} [{prec}]", precision=prec))
+    return out
+
+
+def _compare_with_fp32(results: list[WorkloadResult], values: dict[str, dict[str, np.ndarray]]) -> None:
+    """Each contender's max relative difference from the same contender in fp32 on the same workload."""
+    for r in results:
+        base = r.name.rsplit(" [", 1)[0]
+        reference = values.get(f"{base} [fp32]")
+        if reference is None or r.name.endswith("[fp32]"):
+            continue
+        for c in r.contenders:
+            if c.name in values.get(r.name, {}) and c.name in reference:
+                c.max_rel_diff_vs_fp32 = max_relative_difference(values[r.name][c.name], reference[c.name])
 
 
 def _engine_available() -> str | None:
@@ -205,11 +259,13 @@ def run_workload(
     repeats: int,
     policy: Policy,
     log: Callable[[str], None],
+    keep: dict[str, np.ndarray] | None = None,
 ) -> WorkloadResult:
     """Warm up, then time every contender ``repeats`` times, alternating between them.
 
     The result is not finished (see :meth:`WorkloadResult.finish`): the matmul throughput it
-    is compared with is the best measured over the whole run.
+    is compared with is the best measured over the whole run. ``keep`` receives each
+    contender's values on the grid.
     """
     flops = measure.forward_flops(
         w.model, w.inputs, lambda: precision_context(w.precision, w.device)
@@ -278,6 +334,8 @@ def run_workload(
                     values[c.name] = out.values
                 log(f"  [{rep + 1}/{repeats}] {c.name}: {timing.seconds:.3f} s")
     result.foreign_load = load.fraction
+    if keep is not None:
+        keep.update(values)
     loop = values.get(LOOP)
     for r in result.contenders:
         if loop is not None and r.name in values and r.name != LOOP:
@@ -304,8 +362,11 @@ def main(argv: list[str] | None = None) -> int:
         sizes,
         gpu_steps=args.gpu_steps or sizes.gpu_steps,
         gpu_images=args.gpu_images or sizes.gpu_images,
+        lm_steps=args.lm_steps or sizes.lm_steps,
+        lm_sequences=args.lm_sequences or sizes.lm_sequences,
     )
     workloads, notes = build_workloads(names, sizes)
+    workloads = _by_precision(workloads, args.precisions, notes)
     missing = _engine_available()
     if missing:
         notes.append(f"engine skipped: landscapes.evaluate is not importable ({missing})")
@@ -313,10 +374,12 @@ def main(argv: list[str] | None = None) -> int:
     if any(w.device.type == "cuda" for w in workloads):
         peak |= _peak_gflops(torch.device("cuda"))
     results = []
+    values: dict[str, dict[str, np.ndarray]] = {}
     for w in workloads:
         log(f"{w.name}: {w.description}")
         contenders = all_contenders(w, with_engine=not missing, quick=args.quick)
-        results.append(run_workload(w, contenders, args.repeats, policy, log))
+        results.append(run_workload(w, contenders, args.repeats, policy, log, keep=values.setdefault(w.name, {})))
+    _compare_with_fp32(results, values)
     # compare with the best throughput measured at any time in the run (the machine's ability)
     for r in results:
         key = "cpu fp32" if r.device == "cpu" else f"cuda {r.precision}"
@@ -365,6 +428,9 @@ def _one_process_per_group(args: argparse.Namespace, names: list[str], out: Path
             cmd += ["--quick"] if args.quick else []
             cmd += ["--gpu-steps", str(args.gpu_steps)] if args.gpu_steps else []
             cmd += ["--gpu-images", str(args.gpu_images)] if args.gpu_images else []
+            cmd += ["--precisions", ",".join(args.precisions)] if args.precisions else []
+            cmd += ["--lm-steps", str(args.lm_steps)] if args.lm_steps else []
+            cmd += ["--lm-sequences", str(args.lm_sequences)] if args.lm_sequences else []
             proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, check=False)  # its log goes to stderr
             if proc.returncode != 0 or not part.exists():
                 print(f"{name}: its process failed (exit {proc.returncode}); see the log above", file=sys.stderr)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import importlib.util
 import inspect
 import warnings
 from collections.abc import Iterator
@@ -100,20 +101,20 @@ class EngineContender:
     def run(self, workload: Workload, directions: Directions) -> RunOutput:
         import landscapes
 
-        metric = landscapes.Loss(nn.CrossEntropyLoss(), workload.inputs, workload.targets)
-        kwargs: dict[str, Any] = {"strategy": self.strategy, "device": None}
+        if workload.batches is not None:  # dict batches, labels inside: the model's own next-token loss
+            metric = landscapes.ModelLoss(workload.batches, shift=True)
+        else:
+            metric = landscapes.Loss(nn.CrossEntropyLoss(), workload.inputs, workload.targets)
+        kwargs: dict[str, Any] = {"strategy": self.strategy, "device": None, "precision": workload.precision}
         if self.max_batch_points is not None:
             kwargs["max_batch_points"] = self.max_batch_points
-        with (
-            warnings.catch_warnings(record=True) as caught,
-            precision_context(workload.precision, workload.device),
-        ):
+        with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             land = landscapes.evaluate(workload.model, metric, directions, workload.axes, **kwargs)
         meta = dict(getattr(land, "metadata", {}) or {})
         info = {
             k: meta[k]
-            for k in ("strategy", "tile_points", "pass_points", "tile_shape", "strategy_reason", "memory_budget")
+            for k in ("strategy", "tile_points", "pass_points", "tile_shape", "strategy_reason", "memory_budget", "precision")
             if k in meta
         }
         if caught:
@@ -140,7 +141,8 @@ def engine_contenders(workload: Workload, *, quick: bool = False) -> list[Engine
 @dataclass
 class PerPointLoop:
     """The obvious way: one deep copy, then per point set θ = θ0 + a·d1 + b·d2 in place under
-    ``torch.no_grad()``, forward the whole batch, ``loss.item()``."""
+    ``torch.no_grad()``, forward the whole batch, ``loss.item()`` (a language model: the
+    model's own loss on each dict batch, weighted by its counted tokens)."""
 
     name: str = "per-point loop"
     same_directions: bool = True
@@ -158,8 +160,22 @@ class PerPointLoop:
                 for j, b in enumerate(ys.tolist()):
                     for n, p in params.items():
                         p.copy_(theta0[n] + a * d1[n] + b * d2[n])
-                    out[i, j] = loss_fn(model(workload.inputs), workload.targets).item()
+                    if workload.batches is None:
+                        out[i, j] = loss_fn(model(workload.inputs), workload.targets).item()
+                    else:
+                        out[i, j] = _lm_loss(lambda batch: model(**batch), workload.batches)
         return RunOutput(out)
+
+
+def _lm_loss(forward: Any, batches: list[dict[str, torch.Tensor]]) -> float:
+    """The next-token loss over every counted token of ``batches``: each batch's own
+    ``model(**batch).loss`` (a mean over its shifted labels) weighted by its token count."""
+    total, count = 0.0, 0
+    for batch in batches:
+        n = int((batch["labels"][:, 1:] != -100).sum())
+        total += forward(batch).loss.float().item() * n
+        count += n
+    return total / count
 
 
 # --------------------------------------------------------------------------- loss-landscapes
@@ -199,19 +215,26 @@ class LossLandscapesContender:
     same_directions: bool = False
 
     def run(self, workload: Workload, directions: Directions) -> RunOutput:
+        if importlib.util.find_spec("loss_landscapes") is None:
+            raise ModuleNotFoundError("loss-landscapes 3.0.6 is not installed: skipped (pip install loss-landscapes==3.0.6)")
         import loss_landscapes
         import loss_landscapes.metrics
 
-        metric = loss_landscapes.metrics.Loss(
-            nn.CrossEntropyLoss(), workload.inputs, workload.targets
-        )
+        model: Any = workload.model
+        if workload.batches is None:
+            metric = loss_landscapes.metrics.Loss(nn.CrossEntropyLoss(), workload.inputs, workload.targets)
+        else:  # a language model: its GeneralModelWrapper runs model(**batch)
+            from loss_landscapes.model_interface.model_wrapper import GeneralModelWrapper
+
+            model = GeneralModelWrapper(workload.model, [workload.model], lambda m, batch: m(**batch))
+            metric = _LLTokenLoss(workload.batches)
         torch.manual_seed(0)  # it draws from the global generator
         with (
             _directions_on(workload.device),
             precision_context(workload.precision, workload.device),
         ):
             values = loss_landscapes.random_plane(
-                workload.model,
+                model,
                 metric,
                 distance=1,
                 steps=workload.steps,
@@ -219,6 +242,18 @@ class LossLandscapesContender:
                 deepcopy_model=True,
             )
         return RunOutput(np.asarray(values, dtype=np.float64))
+
+
+class _LLTokenLoss:
+    """A loss-landscapes ``Metric`` (``metric(model_wrapper) -> float``): the next-token loss
+    over dict batches, through the wrapper's ``forward``."""
+
+    def __init__(self, batches: list[dict[str, torch.Tensor]]) -> None:
+        self.batches = batches
+
+    def __call__(self, model_wrapper: Any) -> float:
+        with torch.no_grad():
+            return _lm_loss(model_wrapper.forward, self.batches)
 
 
 def all_contenders(

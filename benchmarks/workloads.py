@@ -3,6 +3,10 @@
 * ``W-MLP-a`` / ``W-MLP-b``: scikit-learn digits, MLP 64-128-128-10, all 1797 samples in one
   batch (a) or the first 128 (b).
 * ``W-CNN``: the same data as 1×8×8 images, two 3×3 convolutions and a linear head.
+* ``W-LM``: a GPT-2-style decoder (``transformers``' ``GPT2Config``: 4 layers, width 256, 4
+  heads, vocabulary 8192, 128 positions, random init, seeded), next-token loss over 64 seeded
+  random sequences of 128 tokens in dict batches of 16 (``input_ids``, ``attention_mask``,
+  ``labels``). Skipped with a note when ``transformers`` is not installed.
 * ``W-GPU``: ResNet-56 on 50,000 seeded synthetic CIFAR-sized images (TF32 and bf16 autocast),
   plus W-MLP on the GPU. Built only when CUDA is available.
 """
@@ -11,9 +15,11 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib.util
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -50,6 +56,10 @@ class Workload:
     precision: Precision = "fp32"
     tile_sizes: tuple[int, ...] = ()  # engine tile sizes (max_batch_points) to sweep
     extra: dict[str, object] = field(default_factory=dict)
+    #: Dict batches (``input_ids``, ``attention_mask``, ``labels``) of a language model: the
+    #: metric is the next-token loss over them, and ``inputs``/``targets`` hold all the
+    #: sequences' ``input_ids``/``labels`` (for FLOP counts and sizes). None: a classifier.
+    batches: list[dict[str, Any]] | None = None
 
     @property
     def axes(self) -> list[np.ndarray]:
@@ -69,11 +79,17 @@ class Workload:
 
 @contextlib.contextmanager
 def precision_context(precision: Precision, device: torch.device) -> Iterator[None]:
-    """Run the body in fp32 (no TF32), fp32 with TF32 matmuls, or bf16 autocast."""
+    """Run the body in fp32 (no TF32), fp32 with TF32 matmuls, or bf16 autocast (CPU too).
+
+    What the contenders other than the engine run under; the engine gets ``precision=``.
+    Autocast's weight cache is off: the contenders change the parameters in place inside one
+    region, and the cache would keep the first point's bf16 weights for the whole grid.
+    """
     if device.type != "cuda":
-        if precision != "fp32":
-            raise ValueError(f"precision={precision!r} is only benchmarked on CUDA devices")
-        yield
+        if precision == "tf32":
+            raise ValueError("precision='tf32' is CUDA only; use fp32 or bf16 on a CPU")
+        with torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False) if precision == "bf16" else contextlib.nullcontext():
+            yield
         return
     saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
     tf32 = precision in ("tf32", "bf16")
@@ -81,7 +97,7 @@ def precision_context(precision: Precision, device: torch.device) -> Iterator[No
     torch.backends.cudnn.allow_tf32 = tf32
     try:
         if precision == "bf16":
-            with torch.autocast("cuda", dtype=torch.bfloat16):
+            with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
                 yield
         else:
             yield
@@ -227,7 +243,7 @@ _CNN_TILES = (8, 64)
 _GPU_TILES = ()  # ResNet-56 runs take minutes each: only the engine's own tile sizes
 
 #: The groups ``--workloads`` accepts.
-WORKLOAD_GROUPS = ("W-MLP-a", "W-MLP-b", "W-CNN", "W-GPU")
+WORKLOAD_GROUPS = ("W-MLP-a", "W-MLP-b", "W-CNN", "W-LM", "W-GPU")
 
 
 @dataclass(frozen=True)
@@ -238,10 +254,12 @@ class Sizes:
     cnn_steps: int = 41
     gpu_steps: int = 51
     gpu_images: int = 50_000
+    lm_steps: int = 21
+    lm_sequences: int = 64
 
     @classmethod
     def quick(cls) -> Sizes:
-        return cls(mlp_steps=11, cnn_steps=5, gpu_steps=5, gpu_images=5_000)
+        return cls(mlp_steps=11, cnn_steps=5, gpu_steps=5, gpu_images=5_000, lm_steps=5, lm_sequences=8)
 
 
 @functools.cache
@@ -293,6 +311,61 @@ def _cnn_workloads(device: torch.device, steps: int) -> list[Workload]:
     ]
 
 
+#: W-LM: GPT-2-style decoder and data (issue 15).
+LM_CONFIG = {"n_layer": 4, "n_embd": 256, "n_head": 4, "vocab_size": 8192, "n_positions": 128}
+LM_TOKENS, LM_BATCH = 128, 16
+
+
+def _transformers() -> Any:
+    """``transformers``, imported beside a CPU build of torch (see tests/ecosystem.py), or None."""
+    if importlib.util.find_spec("transformers") is None:
+        return None
+    sys.path.insert(0, "tests")
+    try:  # transformers imports torchvision when it is installed
+        from ecosystem import _declare_torchvision_ops
+
+        _declare_torchvision_ops()
+    except ImportError:  # not run from the repository root: plain import
+        pass
+    finally:
+        sys.path.remove("tests")
+    import transformers
+
+    return transformers
+
+
+def gpt2_lm(*, seed: int = 0) -> nn.Module:
+    """The W-LM decoder: ``GPT2LMHeadModel`` of :data:`LM_CONFIG`, random init from ``seed``, eval mode."""
+    tr = _transformers()
+    if tr is None:
+        raise ImportError("transformers is not installed (pip install -e '.[models]')")
+    torch.manual_seed(seed)
+    cfg = tr.GPT2Config(**LM_CONFIG, bos_token_id=0, eos_token_id=0)
+    return tr.GPT2LMHeadModel(cfg).eval()
+
+
+def lm_batches(sequences: int, device: torch.device, *, seed: int = 0) -> list[dict[str, torch.Tensor]]:
+    """``sequences`` seeded random token sequences of :data:`LM_TOKENS`, in dict batches of
+    :data:`LM_BATCH` with ``labels`` = ``input_ids`` (the loss shifts them) and no padding."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, LM_CONFIG["vocab_size"], (sequences, LM_TOKENS), generator=gen).to(device)
+    return [
+        {"input_ids": chunk, "attention_mask": torch.ones_like(chunk), "labels": chunk.clone()}
+        for chunk in ids.split(LM_BATCH)
+    ]
+
+
+def _lm_workloads(device: torch.device, sizes: Sizes) -> list[Workload]:
+    model = gpt2_lm().to(device)
+    batches = lm_batches(sizes.lm_sequences, device)
+    ids = torch.cat([b["input_ids"] for b in batches])
+    cfg = LM_CONFIG
+    desc = (f"GPT-2-style decoder ({cfg['n_layer']} layers, width {cfg['n_embd']}, {cfg['n_head']} heads, "
+            f"vocab {cfg['vocab_size']}), next-token loss, {sizes.lm_sequences} sequences × {LM_TOKENS} tokens "
+            f"in dict batches of {LM_BATCH}")
+    return [Workload("W-LM", desc, model, ids, ids.clone(), sizes.lm_steps, device, batches=batches)]
+
+
 def _gpu_workloads(sizes: Sizes) -> list[Workload]:
     device = torch.device("cuda")
     x, y = synthetic_cifar(sizes.gpu_images, device)
@@ -329,6 +402,11 @@ def build_workloads(names: list[str], sizes: Sizes) -> tuple[list[Workload], lis
             workloads += [w for w in _mlp_workloads(cpu, sizes.mlp_steps) if w.name == name]
         elif name == "W-CNN":
             workloads += _cnn_workloads(cpu, sizes.cnn_steps)
+        elif name == "W-LM":
+            if _transformers() is None:
+                notes.append("W-LM skipped: transformers is not installed (pip install -e '.[models]')")
+            else:
+                workloads += _lm_workloads(cpu, sizes)
         elif torch.cuda.is_available():
             workloads += _gpu_workloads(sizes)
         else:

@@ -67,6 +67,12 @@ class ModelMode(StrEnum):
     as_is = "as_is"  # the modes the model's modules are in (dropout too)
 
 
+class Precision(StrEnum):
+    fp32 = "fp32"  # full float32 (on CUDA with TF32 off)
+    tf32 = "tf32"  # CUDA only: TF32 matmuls and convolutions
+    bf16 = "bf16"  # bfloat16 autocast around the forwards (CPU and CUDA); losses summed in float32/64
+
+
 class Backend(StrEnum):
     local = "local"
     dask = "dask"
@@ -170,6 +176,7 @@ class ComputeConfig:
     strategy: Strategy = Strategy.auto
     model_mode: ModelMode = ModelMode.eval
     bn_batches: int = 10  # batches that re-estimate BatchNorm statistics with model_mode=recompute_bn
+    precision: Precision = Precision.fp32  # the forwards' arithmetic: fp32 | tf32 (CUDA) | bf16
     memory_budget: int | None = None  # bytes per tile
     max_batch_points: int | None = None  # grid points per tile (tile = Zarr chunk)
     backend: Backend = Backend.local

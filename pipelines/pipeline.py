@@ -63,6 +63,8 @@ def store_fingerprint(flow: Flow) -> str:
                 "model_mode": c.compute.model_mode}
     if c.compute.model_mode == "recompute_bn":
         sections["bn_batches"] = c.compute.bn_batches
+    if c.compute.precision != "fp32":  # fp32 stores keep the fingerprint they had before precision existed
+        sections["precision"] = str(c.compute.precision)
     return tracking.stage_key("evaluate", sections, (flow.identity["checkpoint"], flow.identity["directions"]), VERSION)
 
 

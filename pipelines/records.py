@@ -33,7 +33,7 @@ def headline_params(cfg: PipelineConfig) -> dict[str, Any]:
         "model": cfg.model.get("_target_"), "checkpoint.path": cfg.checkpoint.path or "demo (latest)",
         "directions": cfg.directions, "grid": cfg.grid,
         "data": {"name": cfg.data.name, "limit": cfg.data.limit, "batch_size": cfg.data.batch_size},
-        "compute": {k: getattr(cfg.compute, k) for k in ("device", "strategy", "model_mode", "backend")},
+        "compute": {k: getattr(cfg.compute, k) for k in ("device", "strategy", "model_mode", "backend", "precision")},
     }
 
 

@@ -143,7 +143,7 @@ def _evaluator(cfg: PipelineConfig, model: torch.nn.Module, metrics: Any, flat: 
         model, metrics, torch.from_numpy(flat), device=device, strategy=str(ccfg.strategy),
         model_mode=str(ccfg.model_mode), memory_budget=ccfg.memory_budget,
         max_batch_points=max_points or ccfg.max_batch_points, forward=forward, output=output,
-        bn_batches=ccfg.bn_batches, origin=origin,
+        bn_batches=ccfg.bn_batches, origin=origin, precision=str(ccfg.precision),
     )
 
 

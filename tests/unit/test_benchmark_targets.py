@@ -46,3 +46,39 @@ def test_peak_memory_over_the_budget_is_a_missed_target() -> None:
     over = _workload("W-CNN", 5, 100, {DEFAULT: 1.0, LOOP: 1.0}, peak=2 << 30, budget=1 << 30)
     t = _target(over, "peak memory")
     assert t["met"] is False and DEFAULT in t["detail"]
+
+
+@pytest.mark.parametrize(("loop", "met"), [(13.5, True), (12.0, False)])
+def test_lm_target_is_one_point_three_times_the_loop_in_fp32(loop, met) -> None:
+    for name in ("W-LM", "W-LM [fp32]"):
+        w = _workload(name, 21, 64, {DEFAULT: 10.0, LOOP: loop})
+        t = _target(w, "default ≥ 1.3× the per-point loop")
+        assert t["met"] is met and t["detail"] == f"{loop / 10.0:.2f}×"
+        assert _target(w, "default ≥ 60% of measured fp32 matmul")["met"] is (w.contenders[0].matmul_fraction >= 0.6)
+    bf16 = _workload("W-LM [bf16]", 21, 64, {DEFAULT: 10.0, LOOP: loop})
+    assert not [t for t in bf16.targets if "per-point loop" in t["target"] and "≥" in t["target"]]
+
+
+def test_precisions_compare_each_contender_with_itself_in_fp32() -> None:
+    import numpy as np
+
+    from benchmarks.__main__ import _compare_with_fp32
+
+    results = [_workload(f"W-X [{p}]", 2, 1, {DEFAULT: 1.0, LOOP: 2.0}) for p in ("fp32", "bf16")]
+    ref = np.array([[1.0, 2.0], [4.0, 8.0]])
+    values = {"W-X [fp32]": {DEFAULT: ref, LOOP: ref}, "W-X [bf16]": {DEFAULT: ref * 1.01, LOOP: ref}}
+    values["W-X [bf16]"][DEFAULT][1, 1] = 8.4  # 5 % off at one point
+    _compare_with_fp32(results, values)
+    fp32, bf16 = ({c.name: c for c in r.contenders} for r in results)
+    assert fp32[DEFAULT].max_rel_diff_vs_fp32 is None
+    assert bf16[DEFAULT].max_rel_diff_vs_fp32 == pytest.approx(0.05)
+    assert bf16[LOOP].max_rel_diff_vs_fp32 == 0.0
+
+
+def test_bad_precisions_option_names_the_choices(capsys) -> None:
+    from benchmarks.__main__ import _parse
+
+    assert _parse(["--precisions", "bf16,fp32"]).precisions == ["bf16", "fp32"]
+    with pytest.raises(SystemExit):
+        _parse(["--precisions", "fp32,fp16"])
+    assert "--precisions=fp32,fp16: choose from fp32, tf32, bf16" in capsys.readouterr().err

@@ -137,6 +137,28 @@ def test_theta0_at_centre(mlp, data) -> None:
     assert land["loss"][4, 4] == pytest.approx(L.point(mlp, metric), rel=1e-6)
 
 
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_loop_writes_each_point_in_place_as_origin_plus_c_basis(image_data, k) -> None:
+    """The loop's per-point θ (written into the parameters, no (m, n) matrix) equals
+    ``origin + c·basis`` in float64 to 1e-6, and θ0 exactly at c = 0."""
+    x, y = image_data
+    model = make_cnn(batchnorm=True)
+    dirs = [L.random_direction(model, seed=s) for s in range(k)]
+    ev = L.Evaluator(model, L.Loss(nn.CrossEntropyLoss(), x, y), dirs, strategy="loop")
+    c = torch.tensor([[0.0] * k, [0.5, -1.5, 2.0][:k], [0.0, 2.0, 0.0][:k], [-3.0, 0.0, 1.0][:k]])
+    want = ev.origin.double() + c.double() @ ev.basis.double()
+    before = snapshot(model)
+    set_point = ev._setter(c)
+    with ev._model_state(), torch.no_grad():
+        for p in range(len(c)):
+            set_point(p)
+            got = torch.cat([q.detach().reshape(-1) for q in model.parameters()]).double()
+            torch.testing.assert_close(got, want[p], rtol=1e-6, atol=1e-6)
+            if p == 0:
+                assert torch.equal(got, ev.origin.double())
+    assert_unchanged(model, before)
+
+
 class Quadratic(nn.Module):
     """f(θ) = ½ θᵀHθ − bᵀθ, the 'model' returns it; the loss is the output itself."""
 

@@ -57,6 +57,14 @@ def test_trajectory_pca_preset(project: Project) -> None:
         np.testing.assert_array_equal(nc["x"].values, values["x"].values)
     vtk = read_vtk(exports / "landscape.vts")
     np.testing.assert_array_equal(vtk["loss"].reshape(values["loss"].shape, order="F"), values["loss"].values)
+    from vtkmodules.util.numpy_support import vtk_to_numpy  # VTK's own reader (ParaView's) agrees
+    from vtkmodules.vtkIOXML import vtkXMLStructuredGridReader
+
+    reader = vtkXMLStructuredGridReader()
+    reader.SetFileName(str(exports / "landscape.vts"))
+    reader.Update()
+    loss = vtk_to_numpy(reader.GetOutput().GetPointData().GetArray("loss"))
+    np.testing.assert_array_equal(loss.reshape(values["loss"].shape, order="F"), values["loss"].values)
 
 
 def test_pca_without_a_trajectory_says_what_to_give(project: Project) -> None:

@@ -115,6 +115,26 @@ def test_vtk_round_trip(tmp_path):
     np.testing.assert_array_equal(mine["extent"], [0, 4, 0, 6, 0, 0])
 
 
+def test_vtk_reads_the_export(tmp_path):
+    """VTK's own XML reader (what ParaView uses) opens the file: the grid's shape, points and values."""
+    from vtkmodules.util.numpy_support import vtk_to_numpy
+    from vtkmodules.vtkIOXML import vtkXMLStructuredGridReader
+
+    land = _landscape()
+    reader = vtkXMLStructuredGridReader()
+    reader.SetFileName(str(to_vtk(land, tmp_path / "plane.vts", metric="loss")))
+    reader.Update()
+    grid = reader.GetOutput()
+    dims = [0, 0, 0]
+    grid.GetDimensions(dims)
+    assert dims == [5, 7, 1]
+    loss = vtk_to_numpy(grid.GetPointData().GetArray("loss")).reshape(7, 5).T  # VTK: x runs fastest
+    np.testing.assert_array_equal(loss, land.values["loss"])
+    pts = vtk_to_numpy(grid.GetPoints().GetData()).reshape(7, 5, 3)
+    np.testing.assert_array_equal(pts[:, 0, 1], Y)
+    np.testing.assert_array_equal(pts[0, :, 0], X)
+
+
 def test_vtk_log_height_and_scale(tmp_path):
     land = _landscape(nan=False)
     _, arrays = _parse(to_vtk(land.to_xarray(), tmp_path / "log.vts", metric="accuracy", log=True, z_scale=2.0))

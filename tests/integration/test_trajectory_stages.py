@@ -253,3 +253,20 @@ def test_shared_plane_figures_of_each_checkpoint_itself(project: Project) -> Non
     metrics = project.client.get_run(own["run_id"]).data.metrics  # its own plane: θ0 is the checkpoint, no duplicate
     assert "loss_at_checkpoint" not in metrics
     assert metrics["loss_at_theta0"] == pytest.approx(figures[2]["loss_at_checkpoint"], rel=1e-5)
+
+
+def test_curve_between_two_seeds_lowers_the_barrier(project: Project) -> None:
+    """Two demo networks trained from different seeds: the fitted Bézier curve's loss barrier is
+    lower than the straight line's, both logged on the pipeline run, and its ends are the networks."""
+    from pipelines.training import train
+
+    other = train({"out_dir": project.root / "outputs" / "seed1", "epochs": 4, "checkpoint_every": 4, "seed": 1,
+                   "tracking_uri": project.uri, "experiment": "seed1"})
+    result = project.run("experiment=connectivity", f"connectivity.towards={other.checkpoints[-1]}",
+                         "connectivity.fit_steps=150", "connectivity.steps=9")
+    m = project.client.get_run(result["run_id"]).data.metrics
+    assert m["linear_loss_barrier_frankle"] > 0.05  # two minima apart: the straight line climbs
+    assert m["bezier_loss_barrier_frankle"] < m["linear_loss_barrier_frankle"]
+    record = json.loads(Path(_local(project, project.stages(result["run_id"])["connectivity"], "paths.json")).read_text())
+    bezier, linear = record["paths"]["bezier"]["values"]["loss"], record["paths"]["linear"]["values"]["loss"]
+    assert (bezier[0], bezier[-1]) == (linear[0], linear[-1])

@@ -258,6 +258,13 @@ class Evaluator:
             parts.append(self._views(t))
         if not all(_all_finite(t) for row in parts for t in row):
             raise ConfigurationError("evaluate: directions contain NaN or inf values.")
+        # a direction that is the model's own parameters (θ0 as a path's control point) would
+        # change as the loop writes each point into the model: those are copied
+        live = {p.untyped_storage().data_ptr() for p in self.root.parameters()}
+        if basis is not None and basis.untyped_storage().data_ptr() in live:
+            basis = basis.clone()
+            return basis, self._row_views(basis)
+        parts = [[t.clone() if t.untyped_storage().data_ptr() in live else t for t in row] for row in parts]
         return basis, parts
 
     @property

@@ -118,3 +118,15 @@ def test_bad_directions_are_refused_with_a_clear_message(net) -> None:
     bad["b.weight"][0, 0] = float("nan")
     with pytest.raises(L.errors.ConfigurationError, match="NaN or inf"):
         L.Evaluator(model, metric, [dirs[0], bad])
+
+
+def test_a_direction_that_is_the_model_itself_is_copied_not_written(net) -> None:
+    model, metric, dirs = net
+    live = {n: p.detach() for n, p in model.named_parameters()}  # shares the parameters' memory
+    frozen = {n: t.clone() for n, t in live.items()}
+    zeros = {n: torch.zeros_like(t) for n, t in live.items()}
+    coords = np.array([[1.0, 0.5], [0.5, 1.0], [1.0, -1.0]])
+    want = L.Evaluator(model, metric, [frozen, dirs[0]], origin=zeros).evaluate_points(coords)["loss"]
+    got = L.Evaluator(model, metric, [live, dirs[0]], origin=zeros).evaluate_points(coords)["loss"]
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    assert all(torch.equal(live[n], frozen[n]) for n in live)

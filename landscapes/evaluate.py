@@ -105,7 +105,11 @@ class Evaluator:
         model: the model at θ0, or a :class:`ModelWrapper`.
         metric: a metric, a :class:`MetricPipeline`, or a list of metrics.
         directions: k directions, each keyed like ``model.named_parameters()`` (or a flat
-            tensor of length n, or a ``(k, n)`` array for all of them).
+            tensor of length n, or a ``(k, n)`` array for all of them). They are read where
+            they are, without a copy, when already on the device in the model's dtype (a
+            ``(k, n)`` array also contiguous): do not change them in place while evaluating.
+            Beyond the model and the directions an evaluation holds one copy of the parameters
+            (the origin, which also restores the model) and its working space.
         origin: the point at coordinate 0; default the model's own parameters. Pass a mapping
             of zeros with directions that are models' parameters for interpolations whose
             end points must be exact.
@@ -194,10 +198,14 @@ class Evaluator:
         self._takes_key: dict[str, bool] = {}
         self._first_cache: dict[int, dict[str, torch.Tensor]] = {}
 
-        self.basis = self._stack(directions)  # (k, n)
-        self.k = self.basis.shape[0]
+        # the directions as given, per parameter, without a copy where they already are on the
+        # device in the model's dtype; the flat (k, n) basis only when vmap or batched needs it
+        self._basis, self._parts = self._stack(directions)
+        self.k = len(self._parts)
+        # a new tensor: the model's parameters at θ0, which also restore the model afterwards
+        self._origin_is_model = origin is None
         if origin is None:
-            self.origin = torch.cat([p.detach().reshape(-1) for p in self.root.parameters()]).clone()
+            self.origin = torch.cat([p.detach().reshape(-1) for p in self.root.parameters()])
         else:
             self.origin = self.space.flatten(origin, what="origin").to(self.device, self.dtype)
 
@@ -207,35 +215,77 @@ class Evaluator:
         self.tile_points, self.pass_points = self._tile_points(memory_budget, max_batch_points)
 
     # -- preparation -----------------------------------------------------------------------
-    def _stack(self, directions: Any) -> torch.Tensor:
+    def _stack(self, directions: Any) -> tuple[torch.Tensor | None, list[list[torch.Tensor]]]:
+        """The directions as ``(basis, parts)``: a ``(k, n)`` array given as one stays the flat
+        basis (no copy when it is already contiguous, on the device, in the model's dtype);
+        k directions stay per parameter (``parts[i][j]`` shaped like parameter j, no copy when
+        already on the device in the model's dtype), and the basis is built only if asked for."""
         if isinstance(directions, (torch.Tensor, np.ndarray)) and np.ndim(directions) == 2:
-            rows = list(torch.as_tensor(directions))
+            basis = torch.as_tensor(directions)
+            if basis.shape[0] == 0:
+                raise ConfigurationError("evaluate: directions is empty; give at least one direction.")
+            if basis.shape[1] != self.space.numel:
+                raise ShapeMismatchError(
+                    f"directions has shape {tuple(basis.shape)}, the model has {self.space.numel} "
+                    "parameters; give a (k, n) array with n that number, or dicts keyed like "
+                    "model.named_parameters()."
+                )
+            basis = basis.to(self.device, self.dtype).contiguous()
+            rows = list(basis)
         elif isinstance(directions, (Mapping, torch.Tensor, np.ndarray)):
             raise ConfigurationError(
                 "evaluate: directions must be a sequence of k directions (a list of dicts), "
                 "not a single direction; wrap it in a list: directions=[d]."
             )
         else:
-            rows = list(directions)
+            basis, rows = None, list(directions)
         if not rows:
             raise ConfigurationError("evaluate: directions is empty; give at least one direction.")
-        flat = []
+        parts = []
         for n, d in enumerate(rows):
             if isinstance(d, Mapping):
-                flat.append(self.space.flatten(d, what=f"directions[{n}]"))
-            else:
-                t = torch.as_tensor(d)
-                if t.dim() != 1 or t.numel() != self.space.numel:
-                    raise ShapeMismatchError(
-                        f"directions[{n}] has shape {tuple(t.shape)}, the model has "
-                        f"{self.space.numel} parameters; give a flat vector of that length or a "
-                        "dict keyed like model.named_parameters()."
-                    )
-                flat.append(t)
-        basis = torch.stack([f.to(self.device, self.dtype) for f in flat])
-        if not torch.isfinite(basis).all():
+                self.space.check(d, what=f"directions[{n}]")
+                parts.append([d[s.name].detach().to(self.device, self.dtype).reshape(s.shape) for s in self.space.specs])
+                continue
+            t = torch.as_tensor(d)
+            if t.dim() != 1 or t.numel() != self.space.numel:
+                raise ShapeMismatchError(
+                    f"directions[{n}] has shape {tuple(t.shape)}, the model has "
+                    f"{self.space.numel} parameters; give a flat vector of that length or a "
+                    "dict keyed like model.named_parameters()."
+                )
+            t = t.detach().to(self.device, self.dtype).contiguous()
+            parts.append(self._views(t))
+        if not all(_all_finite(t) for row in parts for t in row):
             raise ConfigurationError("evaluate: directions contain NaN or inf values.")
-        return basis
+        # a direction that is the model's own parameters (θ0 as a path's control point) would
+        # change as the loop writes each point into the model: those are copied
+        live = {p.untyped_storage().data_ptr() for p in self.root.parameters()}
+        if basis is not None and basis.untyped_storage().data_ptr() in live:
+            basis = basis.clone()
+            return basis, self._row_views(basis)
+        parts = [[t.clone() if t.untyped_storage().data_ptr() in live else t for t in row] for row in parts]
+        return basis, parts
+
+    @property
+    def basis(self) -> torch.Tensor:
+        """The directions as one ``(k, n)`` tensor; built on first use (vmap, batched) when they
+        came as k directions, which then takes k·n more numbers of memory."""
+        if self._basis is None:
+            self._basis = self._stacked_parts()
+            self._parts = self._row_views(self._basis)
+        return self._basis
+
+    def _stacked_parts(self) -> torch.Tensor:
+        return torch.stack([torch.cat([t.reshape(-1) for t in row]) for row in self._parts])
+
+    def _row_views(self, basis: torch.Tensor) -> list[list[torch.Tensor]]:
+        """Per row of ``basis`` ``(k, n)``, its views shaped like each parameter."""
+        return [self._views(row) for row in basis]
+
+    def _views(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        """Views of the flat vector ``flat`` shaped like each parameter."""
+        return [flat[s.offset : s.stop].view(s.shape) for s in self.space.specs]
 
     def _choose(self, requested: str) -> tuple[str, str]:
         if self.model_mode == "train":
@@ -375,7 +425,7 @@ class Evaluator:
             else:
                 memory_budget = CPU_MEMORY_BUDGET
         self.memory_budget = int(memory_budget)
-        params = self.space.numel * self.basis.element_size() * 2  # a point's parameters (+ a temporary)
+        params = self.space.numel * self.origin.element_size() * 2  # a point's parameters (+ a temporary)
         activations = 3 * self._activation_bytes() + self._statistics_bytes() if self.strategy != "loop" else 0
         cap = MAX_TILE_POINTS[self.strategy] if max_batch_points is None else min(max_batch_points, MAX_TILE_POINTS[self.strategy])
         if self.strategy == "loop":
@@ -389,6 +439,7 @@ class Evaluator:
             if self._activation_bytes() > CPU_BATCHED_MAX_POINT_BYTES:
                 passes = 1
             passes = min(passes, max(1, CPU_BATCHED_TILE_BYTES // max(self._activation_bytes(), 1)), CPU_BATCHED_MAX_POINTS)
+        passes = min(passes, _fit(memory_budget, params + activations, cap))  # a pass's (m, n) parameters too
         points = max(passes, _fit(memory_budget - passes * activations, params, cap))
         return points, passes
 
@@ -397,7 +448,7 @@ class Evaluator:
         """Memory one grid point needs within a tile: its parameters (and a temporary), plus
         its activations where a pass holds several points (not on the loop), and with
         ``recompute_bn`` under vmap its own BatchNorm statistics and train-mode activations."""
-        params = self.space.numel * self.basis.element_size() * 2
+        params = self.space.numel * self.origin.element_size() * 2
         return params + (3 * self._activation_bytes() + self._statistics_bytes() if self.strategy != "loop" else 0)
 
     def _statistics_bytes(self) -> int:
@@ -607,8 +658,9 @@ class Evaluator:
         together."""
         if self.pass_points > 1:
             return self.pass_points
-        if self.strategy == "batched":
-            return _fit(CPU_BATCHED_TILE_BYTES, self._output_bytes(), CHUNK_POINTS)
+        if self.strategy == "batched":  # one-point passes from one (m, n) matrix: within the budget
+            params = self.space.numel * self.origin.element_size() * 2
+            return min(_fit(CPU_BATCHED_TILE_BYTES, self._output_bytes(), CHUNK_POINTS), _fit(self.memory_budget, params, CHUNK_POINTS))
         return CHUNK_POINTS
 
     def _vmap_forward(
@@ -702,8 +754,8 @@ class Evaluator:
         """
         named = dict(self.root.named_parameters())
         params = [named[s.name] for s in self.space.specs]
-        origin = [self.origin[s.offset : s.stop].view(s.shape) for s in self.space.specs]
-        basis = [[row[s.offset : s.stop].view(s.shape) for s in self.space.specs] for row in self.basis]
+        origin = self._views(self.origin)
+        basis = self._parts
         coords = c.tolist()  # one transfer per chunk; the scalars are the adds' alphas
 
         def set_point(p: int) -> None:
@@ -749,7 +801,7 @@ class Evaluator:
         modules = list(self.root.modules())
         modes = [m.training for m in modules]
         params = [p for p in self.root.parameters()] if writes else []
-        saved = [p.detach().clone() for p in params]
+        saved = self._saved_parameters(params)
         buffers = [b for b in self.root.buffers()] if writes else []
         saved_buffers = [b.detach().clone() for b in buffers]
         try:
@@ -769,12 +821,28 @@ class Evaluator:
             for mod, mode in zip(modules, modes, strict=True):
                 mod.training = mode
 
+    def _saved_parameters(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
+        """What restores ``params`` afterwards: views of the origin when the origin is the model's
+        own parameters and they still hold it (no copy of the model), else a clone of each."""
+        if self._origin_is_model and params:
+            views = self._views(self.origin)
+            if len(views) == len(params) and all(torch.equal(p, v) for p, v in zip(params, views, strict=True)):
+                return views
+        return [p.detach().clone() for p in params]
+
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
         state["_cached_batches"] = {}
         state["_first_cache"] = {}
         state["_bn_inputs"] = None
+        if self._basis is None:  # one flat array: views of the caller's tensors would each carry their storage
+            state["_basis"] = self._stacked_parts()
+        state["_parts"] = None
         return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._parts = self._row_views(self._basis)
 
     def describe(self) -> dict[str, Any]:
         """What was chosen and why, for provenance."""
@@ -925,6 +993,11 @@ def _progress(total: int, enabled: bool) -> Callable[[int | None], None]:
 def _fit(budget: int, per_point: int, cap: int) -> int:
     """How many points of ``per_point`` bytes fit in ``budget``: at least 1, at most ``cap``."""
     return max(1, min(cap, int(budget // max(per_point, 1))))
+
+
+def _all_finite(t: torch.Tensor, chunk: int = 1 << 18) -> bool:
+    """Whether every entry of ``t`` is finite, a chunk at a time (no temporary the size of ``t``)."""
+    return all(bool(torch.isfinite(part).all()) for part in t.reshape(-1).split(chunk))
 
 
 def _widened(out: torch.Tensor) -> torch.Tensor:

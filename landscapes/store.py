@@ -1054,7 +1054,8 @@ def _build(tmp, root_attrs, grid, dims, metrics, tile_shape, counts, tile_dims, 
             attributes={MANIFEST_KEY: _manifest(dir_array, chunk)},
             config={"write_empty_chunks": True},
         )
-        arr[...] = dir_array
+        for a in range(0, n, chunk):  # a chunk at a time: writing it whole made copies of all of it at once
+            arr[:, a : a + chunk] = dir_array[:, a : a + chunk]
     group.create_group(
         _RECORDS_DIR[0],
         attributes={

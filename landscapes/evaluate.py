@@ -1,7 +1,7 @@
 """The evaluation engine: a tile of grid points at a time, with one of three strategies.
 
-- ``"batched"``: hand-batched ``nn.Sequential`` MLPs (one ``baddbmm`` per layer for a pass
-  of points, the first layer by linearity; on a CPU, when one point's activations outgrow the
+- ``"batched"``: hand-batched ``nn.Sequential`` MLPs and CNNs (one ``baddbmm`` or grouped
+  convolution per layer for a pass of points, the first layer by linearity; on a CPU, when one point's activations outgrow the
   caches, passes of one point with reused buffers); see :mod:`landscapes.batched`.
 - ``"vmap"``: ``torch.func.functional_call`` under ``torch.func.vmap`` over the tile.
 - ``"loop"``: one point after another, each point's parameters written into the model
@@ -287,11 +287,11 @@ class Evaluator:
             plan = batched.sequential_plan(self.root)
             why = "the model is not one" if plan is None else self._verify(plan)
             if why is None:
-                return "batched", "plain Sequential MLP: hand-batched tiles"
+                return "batched", "plain Sequential MLP or CNN: hand-batched tiles"
             if requested == "batched":
                 warnings.warn(
-                    "evaluate: strategy='batched' needs a plain nn.Sequential of Linear, "
-                    "BatchNorm1d, Flatten, Dropout and elementwise activations, called on a tensor "
+                    "evaluate: strategy='batched' needs a plain nn.Sequential of Linear, Conv2d, "
+                    "BatchNorm1d/2d, pooling, Flatten, Dropout and elementwise activations, called on a tensor "
                     f"batch and returning a tensor ({why}); using 'vmap'.",
                     FallbackWarning, stacklevel=3,
                 )
@@ -339,10 +339,11 @@ class Evaluator:
         the data itself), and the smaller space of the parameters the plan reads per point."""
         self._first = None
         for layer in self.plan.layers:
-            if isinstance(layer.module, nn.BatchNorm1d):
-                break  # the first Linear's input then depends on the point: no shortcut
-            if isinstance(layer.module, nn.Linear):
-                if layer.module.bias is not None:
+            mod = layer.module
+            if isinstance(mod, (nn.BatchNorm1d, nn.BatchNorm2d)):
+                break  # the first layer's input then depends on the point: no shortcut
+            if isinstance(mod, (nn.Linear, nn.Conv2d)):
+                if mod.bias is not None and getattr(mod, "groups", 1) == 1:
                     self._first = self._first_rows(layer.prefix)
                 break
         skip = set(self._first["names"]) if self._first is not None else set()
@@ -355,7 +356,7 @@ class Evaluator:
         ws, bs = spec[prefix + "weight"], spec[prefix + "bias"]
         rows = torch.cat([self.origin.unsqueeze(0), self.basis])  # (k+1, n)
         return {
-            "weight": rows[:, ws.offset : ws.stop].reshape(-1, ws.shape[1]).contiguous(),
+            "weight": rows[:, ws.offset : ws.stop].reshape(-1, *ws.shape[1:]).contiguous(),
             "bias": rows[:, bs.offset : bs.stop].contiguous(),
             "names": (ws.name, bs.name),
         }

@@ -69,10 +69,18 @@ class SequentialPlan:
                 ``x`` is the same batch for every tile (one-batch data); None to recompute.
         """
         m = coords.shape[0]
-        h, shared, grouped = x, True, False
-        for layer in self.layers:
+        h, shared, grouped, folded = x, True, False, False
+        for i, layer in enumerate(self.layers):
             mod, pre = layer.module, layer.prefix
-            if isinstance(mod, nn.Linear):
+            if isinstance(mod, nn.Linear) and folded:
+                # Flatten + Linear on the grouped layout: one grouped convolution whose kernel
+                # covers the whole image, so the activations are never copied into rows
+                w, c = params[pre + "weight"], h.shape[1] // m
+                bias = params[pre + "bias"].reshape(-1) if mod.bias is not None else None
+                h = F.conv2d(h, w.reshape(-1, c, *h.shape[2:]), bias, groups=m)  # (N, m·out, 1, 1)
+                h = h.reshape(h.shape[0], m, -1).transpose(0, 1).contiguous()
+                grouped = folded = False
+            elif isinstance(mod, nn.Linear):
                 if shared and first is not None:
                     h = _first_linear(h, coords, first, cache)
                 else:
@@ -110,7 +118,9 @@ class SequentialPlan:
                 shift = (params[pre + "bias"] if mod.affine else 0) - buffers[pre + "running_mean"] * w
                 h = torch.addcmul(shift.reshape(shape), h, w.reshape(shape))
             elif isinstance(mod, nn.Flatten):
-                if grouped:  # (N, m·C, H, W) -> (m, N, C·H·W)
+                if grouped and i + 1 < len(self.layers) and isinstance(self.layers[i + 1].module, nn.Linear):
+                    folded = True  # the Linear layer reads the image as it is
+                elif grouped:  # (N, m·C, H, W) -> (m, N, C·H·W)
                     h, grouped = h.reshape(h.shape[0], m, -1).transpose(0, 1), False
                 else:
                     h = mod(h) if shared else h.flatten(2)
@@ -161,7 +171,7 @@ class SequentialPlan:
             return buf
 
         for p in range(m):
-            h = x
+            h, image = x, None
             for i, layer in enumerate(layers):
                 mod, pre = layer.module, layer.prefix
                 if i == 0 and shortcut:
@@ -170,6 +180,8 @@ class SequentialPlan:
                         h.add_(moves[j], alpha=steps[p][j])
                 elif isinstance(mod, nn.Linear):
                     w = params[pre + "weight"][p]
+                    if image is not None:  # its input's columns in (H, W, C) order: so the weight's
+                        w, image = w.reshape(-1, *image).permute(0, 2, 3, 1).reshape(w.shape[0], -1), None
                     buf = buffer(i, h, (*h.shape[:-1], mod.out_features))
                     if mod.bias is not None:
                         h = torch.addmm(params[pre + "bias"][p], h, w.T, out=buf)
@@ -192,6 +204,9 @@ class SequentialPlan:
                         h.mul_(scale.reshape(shape))
                 elif isinstance(mod, nn.ReLU):
                     h = torch.relu_(h)  # h is a buffer of this pass, never the input
+                elif _flattens_channels_last(mod, h, layers[i + 1 :]):
+                    image = h.shape[1:]  # no copy into (C, H, W) order: the Linear reads (H, W, C)
+                    h = h.permute(0, 2, 3, 1).reshape(h.shape[0], -1)
                 else:
                     h = mod(h)
             if out is None:
@@ -199,6 +214,14 @@ class SequentialPlan:
             out[p].copy_(h)
         assert out is not None
         return out
+
+
+def _flattens_channels_last(mod: nn.Module, h: torch.Tensor, rest: list[_Layer]) -> bool:
+    """A Flatten of a channels-last image straight into a Linear layer."""
+    return (
+        isinstance(mod, nn.Flatten) and h.dim() == 4 and bool(rest) and isinstance(rest[0].module, nn.Linear)
+        and h.is_contiguous(memory_format=torch.channels_last) and not h.is_contiguous()
+    )
 
 
 def _first_products(
@@ -241,11 +264,13 @@ def _first_conv(
 ) -> torch.Tensor:
     """The first convolution at every point of ``coords`` ``(m, k)``: ``(N, m·C, H, W)``, channels-last."""
     base, moves = _first_products(x, coords.shape[1], first, cache, mod)
-    h = base.unsqueeze(1) + coords[:, 0].reshape(1, -1, 1, 1, 1) * moves[0].unsqueeze(1)  # (N, m, C, H, W)
+    # written straight into the channels-last layout, (N, H, W, m, C), from the channels-last products
+    steps = moves.permute(0, 1, 3, 4, 2).unsqueeze(4)  # (k, N, H, W, 1, C)
+    h = torch.addcmul(base.permute(0, 2, 3, 1).unsqueeze(3), coords[:, :1], steps[0])
     for i in range(1, coords.shape[1]):
-        h.addcmul_(coords[:, i].reshape(1, -1, 1, 1, 1), moves[i].unsqueeze(1))
-    n, m, c, hh, ww = h.shape
-    return h.permute(0, 3, 4, 1, 2).contiguous().reshape(n, hh, ww, m * c).permute(0, 3, 1, 2)
+        h.addcmul_(coords[:, i : i + 1], steps[i])
+    n, hh, ww, m, c = h.shape
+    return h.reshape(n, hh, ww, m * c).permute(0, 3, 1, 2)
 
 
 def sequential_plan(root: nn.Module) -> SequentialPlan | None:

@@ -87,6 +87,10 @@ CPU_BATCHED_MAX_POINTS = 64
 #: Above this many bytes of activations per point, batched tiles on a CPU run one point per pass
 #: (W-MLP on all 1797 samples, 3.7 MiB per point: one point at a time was faster; on 128: 64).
 CPU_BATCHED_MAX_POINT_BYTES = 1 << 20
+#: On a CPU, a batched CNN pass (grouped convolutions, channels-last) holds at most this many
+#: points, within half the memory budget: on W-CNN passes of 9-16 points ran 1.5x the loop,
+#: one point per pass slower than the loop (docs/benchmarks.md).
+CPU_BATCHED_CONV_POINTS = 16
 #: Points whose parameters the loop (and one-point batched passes) compute together.
 CHUNK_POINTS = 64
 _TRAIN_ONLY = (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd)
@@ -285,6 +289,12 @@ class Evaluator:
             return "vmap", "requested batched: recompute_bn re-estimates statistics under vmap"
         if requested in ("auto", "batched") and self.model_mode != "recompute_bn":
             plan = batched.sequential_plan(self.root)
+            if requested == "auto" and plan is not None and any(isinstance(la.module, nn.Conv2d) for la in plan.layers):
+                # measured on W-CNN (docs/benchmarks.md): on a quiet CPU the loop is about 10 %
+                # faster than the batched CNN plan; on CUDA vmap stays the unmeasured default
+                if self.device.type == "cuda":
+                    return "vmap", "CUDA: batched tiles with vmap"
+                return "loop", "CPU: the per-point loop beat the batched CNN plan on W-CNN (see docs/benchmarks.md)"
             why = "the model is not one" if plan is None else self._verify(plan)
             if why is None:
                 return "batched", "plain Sequential MLP or CNN: hand-batched tiles"
@@ -386,12 +396,20 @@ class Evaluator:
             return points, points
         # batched: the tile holds every point's parameters; a pass holds its points' activations
         passes = _fit(memory_budget // 2, activations, cap)
-        if self.device.type == "cpu":
+        if self.device.type == "cpu" and self._convolves():
+            # a pass holds about one measured activation set per point (ReLUs in place, no
+            # Flatten copy); grouped convolutions gain up to about 16 points (W-CNN)
+            passes = min(_fit(memory_budget // 2, self._activation_bytes(), cap), CPU_BATCHED_CONV_POINTS)
+        elif self.device.type == "cpu":
             if self._activation_bytes() > CPU_BATCHED_MAX_POINT_BYTES:
                 passes = 1
             passes = min(passes, max(1, CPU_BATCHED_TILE_BYTES // max(self._activation_bytes(), 1)), CPU_BATCHED_MAX_POINTS)
         points = max(passes, _fit(memory_budget - passes * activations, params, cap))
         return points, passes
+
+    def _convolves(self) -> bool:
+        """Whether the batched plan has convolutions."""
+        return self.plan is not None and any(isinstance(layer.module, nn.Conv2d) for layer in self.plan.layers)
 
     @property
     def bytes_per_point(self) -> int:
@@ -606,8 +624,8 @@ class Evaluator:
     def _chunk_points(self) -> int:
         """Points computed together: a pass, or one-point passes whose outputs go to the metrics
         together."""
-        if self.pass_points > 1:
-            return self.pass_points
+        if self.pass_points > 1 or (self.strategy == "batched" and self._convolves()):
+            return self.pass_points  # a CNN's one-point passes: its grouped form, which was faster
         if self.strategy == "batched":
             return _fit(CPU_BATCHED_TILE_BYTES, self._output_bytes(), CHUNK_POINTS)
         return CHUNK_POINTS

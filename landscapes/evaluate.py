@@ -88,8 +88,8 @@ CPU_BATCHED_MAX_POINTS = 64
 #: (W-MLP on all 1797 samples, 3.7 MiB per point: one point at a time was faster; on 128: 64).
 CPU_BATCHED_MAX_POINT_BYTES = 1 << 20
 #: On a CPU, a batched CNN pass (grouped convolutions, channels-last) holds at most this many
-#: points, within half the memory budget: on W-CNN passes of 9-16 points ran 1.5x the loop,
-#: one point per pass slower than the loop (docs/benchmarks.md).
+#: points, within half the memory budget: on W-CNN passes of 4-16 points were within 5 % of
+#: each other on a quiet machine, 16 ahead of one under load (docs/benchmarks.md).
 CPU_BATCHED_CONV_POINTS = 16
 #: Points whose parameters the loop (and one-point batched passes) compute together.
 CHUNK_POINTS = 64

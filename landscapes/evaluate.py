@@ -1,7 +1,7 @@
 """The evaluation engine: a tile of grid points at a time, with one of three strategies.
 
-- ``"batched"``: hand-batched ``nn.Sequential`` MLPs (one ``baddbmm`` per layer for a pass
-  of points, the first layer by linearity; on a CPU, when one point's activations outgrow the
+- ``"batched"``: hand-batched ``nn.Sequential`` MLPs and CNNs (one ``baddbmm`` or grouped
+  convolution per layer for a pass of points, the first layer by linearity; on a CPU, when one point's activations outgrow the
   caches, passes of one point with reused buffers); see :mod:`landscapes.batched`.
 - ``"vmap"``: ``torch.func.functional_call`` under ``torch.func.vmap`` over the tile.
 - ``"loop"``: one point after another, each point's parameters written into the model
@@ -87,6 +87,10 @@ CPU_BATCHED_MAX_POINTS = 64
 #: Above this many bytes of activations per point, batched tiles on a CPU run one point per pass
 #: (W-MLP on all 1797 samples, 3.7 MiB per point: one point at a time was faster; on 128: 64).
 CPU_BATCHED_MAX_POINT_BYTES = 1 << 20
+#: On a CPU, a batched CNN pass (grouped convolutions, channels-last) holds at most this many
+#: points, within half the memory budget: on W-CNN passes of 4-16 points were within 5 % of
+#: each other on a quiet machine, 16 ahead of one under load (docs/benchmarks.md).
+CPU_BATCHED_CONV_POINTS = 16
 #: Points whose parameters the loop (and one-point batched passes) compute together.
 CHUNK_POINTS = 64
 _TRAIN_ONLY = (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd)
@@ -335,13 +339,19 @@ class Evaluator:
             return "vmap", "requested batched: recompute_bn re-estimates statistics under vmap"
         if requested in ("auto", "batched") and self.model_mode != "recompute_bn":
             plan = batched.sequential_plan(self.root)
+            if requested == "auto" and plan is not None and any(isinstance(la.module, nn.Conv2d) for la in plan.layers):
+                # measured on W-CNN (docs/benchmarks.md): on a quiet CPU the loop is about 10 %
+                # faster than the batched CNN plan; on CUDA vmap stays the unmeasured default
+                if self.device.type == "cuda":
+                    return "vmap", "CUDA: batched tiles with vmap"
+                return "loop", "CPU: the per-point loop beat the batched CNN plan on W-CNN (see docs/benchmarks.md)"
             why = "the model is not one" if plan is None else self._verify(plan)
             if why is None:
-                return "batched", "plain Sequential MLP: hand-batched tiles"
+                return "batched", "plain Sequential MLP or CNN: hand-batched tiles"
             if requested == "batched":
                 warnings.warn(
-                    "evaluate: strategy='batched' needs a plain nn.Sequential of Linear, "
-                    "BatchNorm1d, Flatten, Dropout and elementwise activations, called on a tensor "
+                    "evaluate: strategy='batched' needs a plain nn.Sequential of Linear, Conv2d, "
+                    "BatchNorm1d/2d, pooling, Flatten, Dropout and elementwise activations, called on a tensor "
                     f"batch and returning a tensor ({why}); using 'vmap'.",
                     FallbackWarning, stacklevel=3,
                 )
@@ -389,10 +399,11 @@ class Evaluator:
         the data itself), and the smaller space of the parameters the plan reads per point."""
         self._first = None
         for layer in self.plan.layers:
-            if isinstance(layer.module, nn.BatchNorm1d):
-                break  # the first Linear's input then depends on the point: no shortcut
-            if isinstance(layer.module, nn.Linear):
-                if layer.module.bias is not None:
+            mod = layer.module
+            if isinstance(mod, (nn.BatchNorm1d, nn.BatchNorm2d)):
+                break  # the first layer's input then depends on the point: no shortcut
+            if isinstance(mod, (nn.Linear, nn.Conv2d)):
+                if mod.bias is not None and getattr(mod, "groups", 1) == 1:
                     self._first = self._first_rows(layer.prefix)
                 break
         skip = set(self._first["names"]) if self._first is not None else set()
@@ -405,7 +416,7 @@ class Evaluator:
         ws, bs = spec[prefix + "weight"], spec[prefix + "bias"]
         rows = torch.cat([self.origin.unsqueeze(0), self.basis])  # (k+1, n)
         return {
-            "weight": rows[:, ws.offset : ws.stop].reshape(-1, ws.shape[1]).contiguous(),
+            "weight": rows[:, ws.offset : ws.stop].reshape(-1, *ws.shape[1:]).contiguous(),
             "bias": rows[:, bs.offset : bs.stop].contiguous(),
             "names": (ws.name, bs.name),
         }
@@ -435,13 +446,21 @@ class Evaluator:
             return points, points
         # batched: the tile holds every point's parameters; a pass holds its points' activations
         passes = _fit(memory_budget // 2, activations, cap)
-        if self.device.type == "cpu":
+        if self.device.type == "cpu" and self._convolves():
+            # a pass holds about one measured activation set per point (ReLUs in place, no
+            # Flatten copy); grouped convolutions gain up to about 16 points (W-CNN)
+            passes = min(_fit(memory_budget // 2, self._activation_bytes(), cap), CPU_BATCHED_CONV_POINTS)
+        elif self.device.type == "cpu":
             if self._activation_bytes() > CPU_BATCHED_MAX_POINT_BYTES:
                 passes = 1
             passes = min(passes, max(1, CPU_BATCHED_TILE_BYTES // max(self._activation_bytes(), 1)), CPU_BATCHED_MAX_POINTS)
         passes = min(passes, _fit(memory_budget, params + activations, cap))  # a pass's (m, n) parameters too
         points = max(passes, _fit(memory_budget - passes * activations, params, cap))
         return points, passes
+
+    def _convolves(self) -> bool:
+        """Whether the batched plan has convolutions."""
+        return self.plan is not None and any(isinstance(layer.module, nn.Conv2d) for layer in self.plan.layers)
 
     @property
     def bytes_per_point(self) -> int:
@@ -656,8 +675,8 @@ class Evaluator:
     def _chunk_points(self) -> int:
         """Points computed together: a pass, or one-point passes whose outputs go to the metrics
         together."""
-        if self.pass_points > 1:
-            return self.pass_points
+        if self.pass_points > 1 or (self.strategy == "batched" and self._convolves()):
+            return self.pass_points  # a CNN's one-point passes: its grouped form, which was faster
         if self.strategy == "batched":  # one-point passes from one (m, n) matrix: within the budget
             params = self.space.numel * self.origin.element_size() * 2
             return min(_fit(CPU_BATCHED_TILE_BYTES, self._output_bytes(), CHUNK_POINTS), _fit(self.memory_budget, params, CHUNK_POINTS))

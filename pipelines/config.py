@@ -183,7 +183,7 @@ class ComputeConfig:
     workers: int = 2
     threads_per_worker: int = 1
     scheduler: str | None = None  # address of an existing dask scheduler, e.g. tcp://host:8786
-    connect_timeout: float = 10.0  # seconds to reach compute.scheduler
+    connect_timeout: float | None = None  # seconds to reach compute.scheduler (None: $LANDSCAPES_DASK_CONNECT_TIMEOUT, else 10)
     no_workers_timeout: float = 60.0  # seconds a dask cluster may have no workers before the run fails
     progress: bool = True
 

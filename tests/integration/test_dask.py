@@ -361,6 +361,17 @@ def test_no_workers_timeout_comes_from_the_config(setup) -> None:
     assert make_backend(make_cfg(setup["root"], "compute.backend=dask").compute).no_workers_timeout == 60
 
 
+def test_connect_timeout_from_the_config_or_the_environment(setup, monkeypatch: pytest.MonkeyPatch) -> None:
+    def timeout(*overrides: str) -> float:
+        return make_backend(make_cfg(setup["root"], "compute.backend=dask", *overrides).compute).connect_timeout
+
+    monkeypatch.delenv("LANDSCAPES_DASK_CONNECT_TIMEOUT", raising=False)
+    assert timeout() == 10.0
+    monkeypatch.setenv("LANDSCAPES_DASK_CONNECT_TIMEOUT", "2.5")
+    assert timeout() == 2.5
+    assert timeout("compute.connect_timeout=30") == 30.0  # the config wins over the environment
+
+
 def test_malformed_scheduler_address(setup, tmp_path: Path) -> None:
     backend = make_backend(make_cfg(setup["root"], "compute.backend=dask", "compute.scheduler=my-laptop").compute)
     with pytest.raises(ConfigurationError, match=r"compute.scheduler='my-laptop' is not a dask scheduler address "

@@ -28,6 +28,7 @@ from landscapes import plots
 from landscapes.errors import ConfigurationError, StoreError
 from landscapes.store import LandscapeStore
 from pipelines import tracking
+from pipelines.config import PlotlyJs
 
 SUMMARY_KEYS = ("loss_at_theta0", "accuracy_at_theta0", "loss_min", "loss_max", "sharpness_r0.1", "flat_area_tol0.1", "loss_nan_count")
 TAG_STORE = "landscapes.store"
@@ -271,7 +272,7 @@ def _render(groups: dict[int, list[_Entry]], out_dir: Path, *, log: bool, split:
                 files += plots.plot_comparison(
                     datasets, [e.label for e in entries], metric, out_dir=folder,
                     log=log and metric == "loss", planes=[e.plane for e in entries],
-                    include_plotlyjs=True if plotlyjs == "embed" else "directory",
+                    include_plotlyjs=PlotlyJs(plotlyjs).include,
                 )
         js = folder / plots.PLOTLY_JS
         if js.exists():

@@ -59,6 +59,11 @@ class PlotlyJs(StrEnum):
     embed = "embed"  # each HTML page carries plotly.js (~5 MB): renders in MLflow's artifact viewer and offline
     directory = "directory"  # one plotly.min.js beside the pages: small pages, for browsing the folder itself
 
+    @property
+    def include(self) -> bool | str:
+        """As plotly's ``include_plotlyjs``: embedded (True) or one file per folder."""
+        return True if self is PlotlyJs.embed else "directory"
+
 
 class ModelMode(StrEnum):
     eval = "eval"  # BatchNorm with θ0's running statistics at every point, dropout off

@@ -10,7 +10,7 @@ import numpy as np
 
 from landscapes import export, plots
 from landscapes.store import LandscapeStore
-from pipelines.config import PipelineConfig
+from pipelines.config import PipelineConfig, PlotlyJs
 
 
 @dataclass(frozen=True)
@@ -43,7 +43,7 @@ def report(cfg: PipelineConfig, inputs: ReportInputs) -> ReportOutputs:
     paths: list[Path] = []
     for metric in wanted:  # log scale for the loss only: accuracy lives in [0, 1]
         paths += plots.render_all(ds, out_dir, metrics=[metric], log=pcfg.log and metric == "loss", html=pcfg.html,
-                                  include_plotlyjs=_plotlyjs(pcfg.plotlyjs))
+                                  include_plotlyjs=PlotlyJs(pcfg.plotlyjs).include)
     paths += _trajectory_plots(ds, [m for m in wanted if ds[m].ndim == 2], out_dir, log=pcfg.log)
     exports = _exports(ds, inputs.out_dir / "exports", log=pcfg.log) if pcfg.exports else ()
     return ReportOutputs(plots=tuple(paths), artifacts=(out_dir, *exports))
@@ -74,9 +74,3 @@ def _trajectory_plots(ds: Any, metrics: list[str], out_dir: Path, *, log: bool) 
         fig.savefig(path, dpi=plots.DPI)
         out.append(path)
     return out
-
-
-
-def _plotlyjs(how: str) -> bool | str:
-    """``plot.plotlyjs`` as plotly's ``include_plotlyjs``: embedded (True) or one file per folder."""
-    return True if str(how) == "embed" else "directory"

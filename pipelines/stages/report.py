@@ -52,11 +52,11 @@ def report(cfg: PipelineConfig, inputs: ReportInputs) -> ReportOutputs:
 def _exports(ds: Any, out_dir: Path, *, log: bool) -> tuple[Path, ...]:
     """The landscape for other tools: ``landscape.nc`` (NetCDF) and, for a plane, ``landscape.vts``
     (VTK structured grid, the loss as height, log10 with ``plot.log``)."""
-    files = [export.to_netcdf(ds, out_dir / "landscape.nc")]
+    export.to_netcdf(ds, out_dir / "landscape.nc")
     if "loss" in ds.data_vars and ds["loss"].ndim == 2:
         finite = ds["loss"].values[np.isfinite(ds["loss"].values)]
-        files.append(export.to_vtk(ds, out_dir / "landscape.vts", metric="loss", log=log and bool((finite > 0).any())))
-    return (out_dir,)
+        export.to_vtk(ds, out_dir / "landscape.vts", metric="loss", log=log and bool((finite > 0).any()))
+    return (out_dir,)  # the folder is the artifact
 
 
 def _trajectory_plots(ds: Any, metrics: list[str], out_dir: Path, *, log: bool) -> list[Path]:

@@ -71,8 +71,15 @@ WHICH = ("largest", "smallest", "both")
 TRACE_METHODS = ("hutch++", "hutchinson")
 #: Batches that re-estimate BatchNorm statistics at θ0 with ``model_mode="recompute_bn"``.
 BN_BATCHES = 10
-#: Lanczos vectors are kept in float64 while they take at most this many bytes.
+#: Lanczos vectors are kept in float64 while they take at most this many bytes, when the
+#: tolerance asks for more than the model's precision gives (below FLOAT64_BASIS_TOL), or the
+#: model computes in float64; otherwise in the model's dtype: reorthogonalization reads the
+#: whole basis about four times a step, the solver's main cost beside its products.
 FLOAT64_BASIS_BYTES = 512 << 20
+FLOAT64_BASIS_TOL = 1e-5
+#: Below this fraction of the largest |λ|, an eigenvalue's tolerance is this fraction's: a
+#: relative accuracy means nothing for eigenvalues that are zero to within rounding.
+RELATIVE_FLOOR = 1e-2
 ParamsSpec = str | Sequence[str] | None
 #: What ``hvp="auto"`` chose per module, keyed by (device, dtype, model mode, parameters, kind):
 #: later calls on the same module skip the trial (and try again if the choice fails).
@@ -190,6 +197,7 @@ class _Objective:
         key = loss.data.target_key
         self.strip = adapter is not None and not adapter.takes(self.root, key)
         self._cached: tuple[Any, Any, float] | None = None
+        self._graph: tuple[torch.Tensor, list[torch.Tensor]] | None = None  # see _autograd_batch
         self.hvps = 0
         self.hvp_seconds = 0.0  # wall time inside the products (the rest is the solver's own work)
         self.passes = 0
@@ -220,6 +228,7 @@ class _Objective:
             self.theta0 = torch.cat([p.detach().reshape(-1) for p in self.params]).clone()
             yield self
         finally:
+            self._graph = None
             with torch.no_grad():
                 for p, s, flag in zip(params, saved, flags, strict=True):
                     p.copy_(s)
@@ -347,6 +356,8 @@ class _Objective:
             self.reason = f"torch.func failed: {type(err).__name__}: {first}"
             return self._autograd_batch(kind, theta, v, x, y, w)
         try:
+            if kind == "hvp" and self.loss.data.single and theta is self.theta0:
+                self._autograd_batch(kind, theta, v, x, y, w)  # builds the graph later products reuse
             start = time.perf_counter()
             self._autograd_batch(kind, theta, v, x, y, w)
             t_auto = time.perf_counter() - start
@@ -378,6 +389,9 @@ class _Objective:
             return torch.zeros(()), hv.detach()
 
     def _autograd_batch(self, kind: str, theta: torch.Tensor, v: torch.Tensor | None, x: Any, y: Any, w: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+        reuse = kind == "hvp" and self.loss.data.single and theta is self.theta0
+        if not (reuse and self._graph is not None):
+            self._graph = None  # the parameters are about to change: the graph is stale
         if kind == "value":
             with torch.no_grad():
                 for p, s in zip(self.params, self.space.specs, strict=True):
@@ -385,19 +399,27 @@ class _Objective:
                 out = self.read(self.wrapper.forward(x))
                 return (self.loss.loss_fn(out, y) * w).detach(), None
         with torch.enable_grad():
-            loss = self._autograd_loss(theta, x, y, w)
             try:
-                grads = torch.autograd.grad(loss, self.params, create_graph=kind == "hvp", allow_unused=True)
-                grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, self.params, strict=True)]
+                if self._graph is not None:
+                    loss, grads = self._graph
+                else:
+                    loss = self._autograd_loss(theta, x, y, w)
+                    grads = torch.autograd.grad(loss, self.params, create_graph=kind == "hvp", allow_unused=True)
+                    grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, self.params, strict=True)]
                 if kind == "grad":
                     return loss.detach(), torch.cat([g.detach().reshape(-1) for g in grads])
                 assert v is not None
-                vs = [v[s.offset : s.stop].view(s.shape) for s in self.space.specs]
-                dot = sum((g * u).sum() for g, u in zip(grads, vs, strict=True) if g.requires_grad)
-                if not isinstance(dot, torch.Tensor) or not dot.requires_grad:
+                pairs = [(g, v[s.offset : s.stop].view(s.shape)) for g, s in zip(grads, self.space.specs, strict=True) if g.requires_grad]
+                if not pairs:
                     return loss.detach(), torch.zeros_like(theta)  # the gradient is constant
-                hv = torch.autograd.grad(dot, self.params, allow_unused=True)
+                # one batch at θ0 (the eigen-solvers' case): keep the gradient's graph, so the
+                # next product is one backward pass, not a forward and two backwards
+                hv = torch.autograd.grad([g for g, _ in pairs], self.params, grad_outputs=[u for _, u in pairs],
+                                         allow_unused=True, retain_graph=reuse)
+                if reuse and self._graph is None:
+                    self._graph = (loss, grads)
             except RuntimeError as err:
+                self._graph = None
                 raise DifferentiationError(self._explain(err, x, y)) from err
         hv = [torch.zeros_like(p) if h is None else h for h, p in zip(hv, self.params, strict=True)]
         return loss.detach(), torch.cat([h.reshape(-1) for h in hv])
@@ -608,7 +630,7 @@ class HessianEigen:
         eigenvectors: m unit directions keyed like ``model.named_parameters()`` (zeros outside
             ``params``), usable as directions of a landscape.
         residuals: ``(m,)`` Ritz residual estimates ``‖H y − λ y‖`` (exact in exact arithmetic).
-        converged: whether every residual met ``tol`` (relative to the largest |Ritz value|).
+        converged: whether every residual met ``tol`` (relative to its own |eigenvalue|).
         iterations: Lanczos restarts (cycles).
         hvps: Hessian-vector products used (each a pass over the data).
         which: ``"largest"``, ``"smallest"`` or ``"both"``.
@@ -632,12 +654,12 @@ def _orthogonalize(w: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
     if V.shape[0] == 0:
         return torch.zeros(0, dtype=torch.float64, device=w.device)
     before = float(w.norm())
-    h = V @ w
-    w -= V.T @ h
+    h = torch.mv(V, w)
+    w.addmv_(V.T, h, alpha=-1.0)
     if float(w.norm()) > 0.7071 * before:
         return h.double()
-    h2 = V @ w
-    w -= V.T @ h2
+    h2 = torch.mv(V, w)
+    w.addmv_(V.T, h2, alpha=-1.0)
     return (h + h2).double()
 
 
@@ -669,8 +691,13 @@ def _krylov_schur(
     v0: torch.Tensor,
     dtype: torch.dtype,
     gen: torch.Generator,
+    each: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool, int]:
     """Wanted eigenpairs of the symmetric operator ``matvec``.
+
+    A wanted pair has converged when its residual is at most ``tol`` times the largest
+    |Ritz value| or, with ``each``, times its own |Ritz value| (floored at ``RELATIVE_FLOOR``
+    times the largest, where a relative accuracy stops meaning anything).
 
     Keeps a Krylov decomposition ``H Vᵀ = Vᵀ T + f bᵀ`` (rows of V orthonormal, f ⟂ V
     unit); extends it by Lanczos steps with full reorthogonalization to ``ncv`` vectors,
@@ -716,8 +743,9 @@ def _krylov_schur(
             theta, S = torch.linalg.eigh(0.5 * (T[:m, :m] + T[:m, :m].T))
             res = (b[:m] @ S).abs()
             idx = _wanted(theta, nwant, which)
-            scale = float(theta.abs().max())
-            done = bool((res[idx] <= tol * max(scale, 1e-300)).all()) or m >= n
+            scale = max(float(theta.abs().max()), 1e-300)
+            bound = theta[idx].abs().clamp(min=RELATIVE_FLOOR * scale) if each else scale
+            done = bool((res[idx] <= tol * bound).all()) or m >= n
             if done or hvps >= max_hvps:
                 Y = S[:, idx].T.to(device, dtype) @ V[:m]
                 return theta[idx], Y, res[idx], done, cycles
@@ -743,7 +771,7 @@ def hessian_eigenvalues(
     *,
     k: int = 1,
     which: Which = "largest",
-    tol: float = 1e-4,
+    tol: float = 1e-3,
     max_iter: int = 1000,
     basis_size: int | None = None,
     params: ParamsSpec = None,
@@ -758,7 +786,7 @@ def hessian_eigenvalues(
     """Extreme eigenvalues and eigenvectors of the Hessian of the dataset loss at θ.
 
     Lanczos with full reorthogonalization, restarted (Krylov–Schur) from the wanted Ritz
-    vectors until every wanted residual ``‖H y − λ y‖ ≤ tol · max|λ|`` or ``max_iter`` products
+    vectors until every wanted residual ``‖H y − λ y‖ ≤ tol · |λ|`` or ``max_iter`` products
     have been spent. "Largest" and "smallest" are algebraic: λmin is negative at a saddle.
 
     Args:
@@ -769,10 +797,11 @@ def hessian_eigenvalues(
             it must yield the same data each time).
         k: eigenpairs wanted (of each end with ``which="both"``).
         which: ``"largest"``, ``"smallest"`` or ``"both"``.
-        tol: residual tolerance relative to the largest |Ritz value|. A Ritz value's error is
-            about the square of its residual over the gap to the rest of the spectrum, so the
-            default 1e-4 gives eigenvalues to about 1e-8 relative at a healthy gap, and costs
-            fewer products than 1e-6 (33 against 42 for the top two on the demo MLP,
+        tol: residual tolerance relative to each eigenvalue's own |λ| (floored at
+            ``RELATIVE_FLOOR`` = 1 % of the largest |λ|). Some eigenvalue of H lies within the
+            residual of each returned one, so the default 1e-3 guarantees 1e-3 relative; the
+            error is typically the residual squared over the spectral gap, about 1e-6 on the
+            demo MLP, at 28–31 products for the top two (1e-4: 32–35 products, 1e-8 error;
             ``benchmarks/curvature.py``).
         max_iter: the most Hessian-vector products to spend.
         basis_size: Lanczos vectors kept between restarts (default ``max(2m + 1, 20)`` for m
@@ -840,11 +869,12 @@ def _eigen(
         raise ConfigurationError(
             f"{where}: basis_size={basis_size} must exceed the {nwant} wanted eigenpairs; raise it."
         )
-    work = torch.float64 if (ncv + 1) * n * 8 <= FLOAT64_BASIS_BYTES else obj.dtype
+    wide = obj.dtype == torch.float64 or tol < FLOAT64_BASIS_TOL
+    work = torch.float64 if wide and (ncv + 1) * n * 8 <= FLOAT64_BASIS_BYTES else obj.dtype
     v0 = torch.randn(n, generator=gen, dtype=torch.float64).to(obj.device, work)
     start = obj.hvps
     theta, Y, res, converged, cycles = _krylov_schur(
-        obj.hvp, n, k=k, which=which, tol=tol, max_hvps=max_iter, ncv=ncv, v0=v0, dtype=work, gen=gen,
+        obj.hvp, n, k=k, which=which, tol=tol, max_hvps=max_iter, ncv=ncv, v0=v0, dtype=work, gen=gen, each=True,
     )
     order = torch.argsort(theta, descending=True)
     return HessianEigen(
@@ -1229,7 +1259,7 @@ def curvature_summary(
     spectrum_probes: int = 5,
     steps: int = 40,
     spectrum_deflate: int = 20,
-    tol: float = 1e-4,
+    tol: float = 1e-3,
     max_iter: int = 1000,
     negative_threshold: float = 1e-3,
     params: ParamsSpec = None,

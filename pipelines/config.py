@@ -240,11 +240,12 @@ class CurvatureConfig:
     average / worst-case sharpness at θ0 (``landscapes.average_sharpness``, ``worst_case_sharpness``)."""
 
     enabled: bool = False  # run the curvature stage (after checkpoint)
-    tol: float = 1e-4  # Lanczos residual tolerance of the extreme eigenvalues (relative)
+    tol: float = 1e-3  # Lanczos residual tolerance of the extreme eigenvalues (relative to each |λ|)
     max_iter: int = 1000  # Hessian-vector products the extreme eigenvalues may spend
     trace_probes: int = 60  # Hutch++ products for the trace
     spectrum_probes: int = 5  # SLQ probes of the spectral density
     steps: int = 40  # Lanczos steps per SLQ probe
+    deflate: int = 20  # extreme eigenpairs the spectral density takes exactly (0: plain SLQ)
     negative_threshold: float = 1e-3  # eigenvalues below -threshold·λmax count as negative mass
     seed: int = 0
     hvp: HvpMethod = HvpMethod.auto

@@ -83,7 +83,7 @@ def curvature(cfg: PipelineConfig, inputs: CurvatureInputs) -> CurvatureOutputs:
                               "target_key": cfg.metrics.target_key}
     summary = L.curvature_summary(
         model, None, loss, k=max(1, inputs.eigenvectors), trace_probes=c.trace_probes, spectrum_probes=c.spectrum_probes, steps=c.steps,
-        tol=c.tol, max_iter=c.max_iter, negative_threshold=c.negative_threshold, seed=c.seed,
+        spectrum_deflate=c.deflate, tol=c.tol, max_iter=c.max_iter, negative_threshold=c.negative_threshold, seed=c.seed,
         hvp=str(c.hvp), bn_batches=inputs.bn_batches, **common,
     )
     metrics = {NAMES[k]: v for k, v in summary.metrics().items()}

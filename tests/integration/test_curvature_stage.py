@@ -47,13 +47,13 @@ def test_the_stage_runs_as_a_child_run_matches_the_library_and_is_reused(project
     assert m["lambda_max"] > 0 and m["lambda_max"] >= abs(m["lambda_min"])  # near a minimum: top curvature dominates
     assert m["eigen_ratio"] == pytest.approx(abs(m["lambda_min"] / m["lambda_max"]))
     assert 0 <= m["negative_mass"] <= 1
-    assert run.data.params["curvature.tol"] == "0.0001"
+    assert run.data.params["curvature.tol"] == "0.001"
     assert run.data.params["data.limit"] == "128"
     assert sorted(project.artifacts(run.info.run_id)) == ["outputs.json", "spectrum.json", "spectrum.png"]
 
     # the same eigenvalues as the library called directly on the same model and data
     model, data = _demo(Path(first["checkpoint"]))
-    eig = L.hessian_eigenvalues(model, torch.nn.CrossEntropyLoss(), data, k=1, which="both", tol=1e-4, seed=0,
+    eig = L.hessian_eigenvalues(model, torch.nn.CrossEntropyLoss(), data, k=1, which="both", tol=1e-3, seed=0,
                                 hvp="double_backward")
     assert m["lambda_max"] == pytest.approx(float(eig.eigenvalues[0]), rel=1e-6)
     assert m["lambda_min"] == pytest.approx(float(eig.eigenvalues[-1]), rel=1e-6)

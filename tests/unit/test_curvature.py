@@ -214,6 +214,17 @@ class TestEigenvalues:
             res = hessian_eigenvalues(model, CE, data, k=1, max_iter=3)
         assert not res.converged and res.hvps == 3
 
+    def test_tolerance_is_relative_to_each_eigenvalue(self):
+        # H = diag(2·s²) of a least-squares fit: λ from 200 down to 4.5, so λmin is 44× smaller
+        # than λmax; its residual must be within tol of its own size (the old rule, relative to
+        # the largest |λ|, let it stop at a residual 44× larger).
+        s = torch.cat([torch.tensor([10.0]), torch.linspace(3.0, 1.5, 60)])
+        net = nn.Linear(61, 1, bias=False, dtype=torch.float64)
+        x = torch.diag(s).double() * (61 ** 0.5)
+        res = hessian_eigenvalues(net, nn.MSELoss(), (x, torch.zeros(61, 1, dtype=torch.float64)), k=1, which="both", tol=1e-3)
+        np.testing.assert_allclose(res.eigenvalues.numpy(), [200.0, 4.5], rtol=1e-3)
+        assert (res.residuals <= 1e-3 * res.eigenvalues.abs()).all(), (res.residuals, res.eigenvalues)
+
     def test_tiny_hessian_exhausts_the_space(self):
         net = nn.Linear(2, 1, bias=False)
         x = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
@@ -421,6 +432,28 @@ def test_hessian_vector_product_matches_dense():
     v = L.random_direction(model, seed=4)
     hv = hessian_vector_product(model, CE, (x, y), v)
     np.testing.assert_allclose(_flat(hv).numpy(), (H @ _flat(v)).numpy(), rtol=1e-4, atol=1e-6)
+
+
+def test_products_on_one_batch_reuse_the_gradient_graph_and_stay_exact():
+    """One batch at θ0: the products after the first reuse the gradient's graph (one backward
+    each); every product stays H·v, also after the parameters moved for a value elsewhere."""
+    from landscapes.curvature import _objective
+
+    model, (x, y), H = case("mlp")
+    obj = _objective(model, CE, (x, y), "test", hvp="double_backward")
+    with obj.session():
+        vs = [_flat(L.random_direction(model, seed=s)) for s in (4, 5, 6)]
+        first = obj.hvp(vs[0])
+        assert obj._graph is not None
+        graph = obj._graph
+        second = obj.hvp(vs[1])
+        assert obj._graph is graph  # reused, not rebuilt
+        obj.value(obj.theta0 + 0.1 * vs[2].float())  # moves the parameters: the graph is dropped
+        assert obj._graph is None
+        third = obj.hvp(vs[2])
+    assert obj._graph is None  # not kept beyond the session
+    for got, v in zip((first, second, third), vs, strict=True):
+        np.testing.assert_allclose(got.numpy(), (H @ v).numpy(), rtol=1e-4, atol=1e-6)
 
 
 class TestGridMetrics:

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from landscapes import allocator, batched
+from landscapes import allocator, batched, compiled
 from landscapes._checks import check_choice, check_positive_int
 from landscapes.adapters import (
     Forward,
@@ -143,6 +143,11 @@ class Evaluator:
             convolutions, the flags restored afterwards; a CPU raises), ``"bf16"``
             (``torch.autocast`` to bfloat16 around the forwards, on CPU and CUDA). The outputs
             are cast to float32 before the metrics, which sum in float64.
+        compile: ``torch.compile`` for the loop strategy's forwards: ``"off"`` (default here),
+            ``"on"``, or ``"auto"`` (on when the eager forwards of the grid are estimated to take
+            at least :data:`~landscapes.compiled.COMPILE_AFTER_SECONDS`). Decided by
+            :meth:`plan_compile`, which :func:`evaluate` calls with the grid's size; a compiled
+            forward that fails or differs from the eager one on the first batch is not used.
     """
 
     def __init__(
@@ -161,8 +166,13 @@ class Evaluator:
         output: OutputSpec = "auto",
         bn_batches: int = BN_BATCHES,
         precision: Precision = "fp32",
+        compile: compiled.CompileMode = "off",  # noqa: A002 - the option is torch.compile
     ):
         strategy = check_choice("strategy", strategy, STRATEGIES, where="evaluate")
+        self.compile_mode = check_choice("compile", compile, compiled.COMPILE_MODES, where="evaluate")
+        self.compiled = compiled.CompileDecision(
+            False, "not asked (compile='off')" if self.compile_mode == "off" else "undecided: plan_compile() was not called")
+        self._compiled_forward: Callable[[Any], Any] | None = None
         self.precision = check_choice("precision", precision, PRECISIONS, where="evaluate")
         self.model_mode = check_choice("model_mode", model_mode, MODEL_MODES, where="evaluate")
         check_positive_int("max_batch_points", max_batch_points, where="evaluate", allow_none=True)
@@ -420,6 +430,46 @@ class Evaluator:
             "bias": rows[:, bs.offset : bs.stop].contiguous(),
             "names": (ws.name, bs.name),
         }
+
+    def plan_compile(self, points: int) -> compiled.CompileDecision:
+        """Decide whether the loop's forwards run compiled for a grid of ``points`` points
+        (see ``compile``); the decision is in :meth:`describe`. Warns when ``compile="on"``
+        cannot be honoured."""
+        decision = self._decide_compile(points)
+        if self.compile_mode == "on" and not decision.on:
+            warnings.warn(f"evaluate: compile='on' but {decision.reason}.", FallbackWarning, stacklevel=2)
+        self.compiled = decision
+        return decision
+
+    def _decide_compile(self, points: int) -> compiled.CompileDecision:
+        self._compiled_forward = None
+        if self.compile_mode == "off":
+            return compiled.CompileDecision(False, "not asked (compile='off')")
+        why = None
+        if self.strategy != "loop":
+            why = f"the {self.strategy} strategy runs its own batched forwards"
+        elif self.custom_metrics or not self.functional:
+            why = "custom metrics or a wrapper's forward_fn call the model themselves"
+        elif self.model_mode == "recompute_bn":
+            why = "recompute_bn re-estimates statistics in train mode at each point"
+        probe = self._probe_batch() if why is None else None
+        if why is None and probe is None:
+            why = "no dataset metric gives a batch to compile on"
+        if why is not None:
+            return compiled.CompileDecision(False, f"not for this evaluation: {why}")
+        x = probe[0]
+        module = BoundForward(self.root, self.wrapper.forward_adapter)
+        with self._model_state(writes=False), torch.no_grad(), self._tf32(), self._autocast():
+            if self.compile_mode == "auto":
+                batches = sum(_batch_count(group[0].data) for group in self._groups)
+                estimate = compiled.eager_seconds(lambda: module(x)) * batches * points
+                if estimate < compiled.COMPILE_AFTER_SECONDS:
+                    return compiled.CompileDecision(False, (
+                        f"the eager forwards are estimated at {estimate:.0f} s, under the "
+                        f"{compiled.COMPILE_AFTER_SECONDS:.0f} s a compile must save to pay off"))
+            fn, what = compiled.compile_checked(module, x, module, compiled.TOLERANCE[self.precision])
+        self._compiled_forward = fn
+        return compiled.CompileDecision(fn is not None, what)
 
     def _probe_batch(self) -> tuple[Any, Any] | None:
         for group in self._groups:
@@ -712,7 +762,7 @@ class Evaluator:
         for p in range(c.shape[0]):
             set_point(p)
             with self._autocast():
-                raw = self.wrapper.forward(x)
+                raw = self.wrapper.forward(x) if self._compiled_forward is None else self._compiled_forward(x)
             yield p, tuple(r(raw).unsqueeze(0) for r in readers)
 
     def _batched_forward(self, x: torch.Tensor, c: torch.Tensor, each: bool) -> torch.Tensor:
@@ -854,6 +904,7 @@ class Evaluator:
         state["_cached_batches"] = {}
         state["_first_cache"] = {}
         state["_bn_inputs"] = None
+        state["_compiled_forward"] = None  # compiled again where it runs (see __setstate__)
         if self._basis is None:  # one flat array: views of the caller's tensors would each carry their storage
             state["_basis"] = self._stacked_parts()
         state["_parts"] = None
@@ -862,6 +913,8 @@ class Evaluator:
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
         self._parts = self._row_views(self._basis)
+        if self.compiled.on:  # the same graph the parent checked, built again in this process
+            self._compiled_forward = torch.compile(BoundForward(self.root, self.wrapper.forward_adapter), dynamic=False)
 
     def describe(self) -> dict[str, Any]:
         """What was chosen and why, for provenance."""
@@ -875,6 +928,7 @@ class Evaluator:
             "dtype": str(self.dtype).replace("torch.", ""),
             "model_mode": self.model_mode,
             "precision": self.precision,
+            "compile": str(self.compiled),
             **({"bn_batches": self.bn_batches} if self.model_mode == "recompute_bn" else {}),
             "forward": self.wrapper.forward_adapter.describe() if self.functional else type(self.wrapper).__name__,
             "output": self.output_adapter.describe(),
@@ -903,6 +957,7 @@ def evaluate(
     output: OutputSpec = "auto",
     bn_batches: int = BN_BATCHES,
     precision: Precision = "fp32",
+    compile: compiled.CompileMode = "auto",  # noqa: A002 - the option is torch.compile
 ) -> Landscape:
     """Evaluate metrics on the grid ``θ0 + Σ axes[i][jᵢ]·directions[i]``.
 
@@ -928,6 +983,9 @@ def evaluate(
         bn_batches: batches re-estimating BatchNorm statistics with ``"recompute_bn"``.
         precision: ``"fp32"`` (default), ``"tf32"`` (CUDA) or ``"bf16"`` (autocast); see
             :class:`Evaluator`.
+        compile: ``"auto"`` (default: ``torch.compile`` the loop's forwards when they are
+            estimated to take over two minutes eagerly), ``"on"`` or ``"off"``; see
+            :class:`Evaluator`.
 
     Returns:
         A :class:`Landscape` with one array per metric, shaped like the grid.
@@ -944,13 +1002,14 @@ def evaluate(
     evaluator = Evaluator(
         model, metric, directions, origin=origin, device=device, strategy=strategy,
         model_mode=model_mode, memory_budget=memory_budget, max_batch_points=max_batch_points,
-        forward=forward, output=output, bn_batches=bn_batches, precision=precision,
+        forward=forward, output=output, bn_batches=bn_batches, precision=precision, compile=compile,
     )
     if evaluator.k != grid.ndim:
         raise ShapeMismatchError(
             f"evaluate: {evaluator.k} direction(s) but {grid.ndim} axis/axes; give one coordinate "
             "array per direction."
         )
+    evaluator.plan_compile(grid.size)
     tile_shape = tile_shape_for(grid.shape, evaluator.tile_points)
     values = {name: np.full(grid.shape, np.nan) for name in evaluator.metric_names}
     tiles = grid.tiles(tile_shape)
@@ -991,6 +1050,16 @@ def evaluate_tile(evaluator: Evaluator, axes: Sequence[np.ndarray], slices: Sequ
     grid = Grid(axes)
     slices = tuple(slice(*s.indices(n)[:2]) for s, n in zip(slices, grid.shape, strict=True))
     return evaluator.evaluate_tile(grid, Tile(index=(), slices=slices))
+
+
+def _batch_count(data: Any) -> int:
+    """Batches a metric's data holds (1 when it cannot tell, e.g. a generator)."""
+    if data.single:
+        return 1
+    try:
+        return max(1, len(data.batches))
+    except TypeError:
+        return 1
 
 
 def _progress(total: int, enabled: bool) -> Callable[[int | None], None]:

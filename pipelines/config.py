@@ -78,6 +78,12 @@ class Precision(StrEnum):
     bf16 = "bf16"  # bfloat16 autocast around the forwards (CPU and CUDA); losses summed in float32/64
 
 
+class CompileMode(StrEnum):
+    auto = "auto"  # torch.compile the loop's forwards when they are estimated to take over 2 minutes eagerly
+    on = "on"
+    off = "off"
+
+
 class Backend(StrEnum):
     local = "local"
     dask = "dask"
@@ -182,6 +188,7 @@ class ComputeConfig:
     model_mode: ModelMode = ModelMode.eval
     bn_batches: int = 10  # batches that re-estimate BatchNorm statistics with model_mode=recompute_bn
     precision: Precision = Precision.fp32  # the forwards' arithmetic: fp32 | tf32 (CUDA) | bf16
+    compile: CompileMode = CompileMode.auto  # torch.compile the loop's forwards: auto | on | off
     memory_budget: int | None = None  # bytes per tile
     max_batch_points: int | None = None  # grid points per tile (tile = Zarr chunk)
     backend: Backend = Backend.local

@@ -104,6 +104,10 @@ def evaluate(cfg: PipelineConfig, inputs: EvaluateInputs, backend: Backend | Non
         store = _open_or_create(inputs, axes, list(evaluator.metric_names), evaluator, flat, dir_attrs, resume=bool(resume))
         todo = store.missing_tiles()
         total_tiles = len(store.tiles())
+        if todo:
+            decision = evaluator.plan_compile(sum(t.size for t in todo))
+            if decision.on:
+                _say(f"torch.compile: {decision.reason}")
         seconds = backend.run(evaluator, store, todo, progress=ccfg.progress) if todo else 0.0
         backend_name = str(getattr(backend, "name", type(backend).__name__))
         store.update_attrs({"evaluation": evaluator.describe() | {"backend": backend_name}})
@@ -143,7 +147,7 @@ def _evaluator(cfg: PipelineConfig, model: torch.nn.Module, metrics: Any, flat: 
         model, metrics, torch.from_numpy(flat), device=device, strategy=str(ccfg.strategy),
         model_mode=str(ccfg.model_mode), memory_budget=ccfg.memory_budget,
         max_batch_points=max_points or ccfg.max_batch_points, forward=forward, output=output,
-        bn_batches=ccfg.bn_batches, origin=origin, precision=str(ccfg.precision),
+        bn_batches=ccfg.bn_batches, origin=origin, precision=str(ccfg.precision), compile=str(ccfg.compile),
     )
 
 

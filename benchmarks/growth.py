@@ -58,12 +58,13 @@ def run(steps: tuple[int, ...] = STEPS, rounds: int = 3, *, threads: int | None 
     runs: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="bench-growth-") as tmp:
         bench = StageBench(Path(tmp))
-        bench.run(steps[0])  # warm-up: imports, kernels, lazy initialization
+        bench.run(bench.config(steps[0]))  # warm-up: imports, kernels, lazy initialization
         for r in range(rounds):
             for s in steps[r % len(steps):] + steps[: r % len(steps)]:
+                cfg = bench.config(s)
                 with ForeignLoad() as load:
                     cpu, start = time.process_time(), time.perf_counter()
-                    out = bench.run(s)
+                    out = bench.run(cfg)
                     wall, cpu = time.perf_counter() - start, time.process_time() - cpu
                 runs.append({
                     "round": r, "steps": s, "points": out.points, "stage_s": wall, "evaluate_s": out.seconds,

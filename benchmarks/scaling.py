@@ -76,9 +76,10 @@ def _one(bench: Any, config: str, steps: int) -> dict[str, Any]:
         workers = 1 if config == ONE else 2
         backend = _dask_backend(workers)
         overrides = ("compute.backend=dask", f"compute.workers={workers}", "compute.threads_per_worker=1")
+    cfg = bench.config(steps, *overrides)
     busy, own, start = _system_busy_seconds(), time.process_time(), time.perf_counter()
     try:
-        out = bench.run(steps, *overrides, backend=backend)
+        out = bench.run(cfg, backend)
     finally:
         torch.set_num_threads(saved)
     wall, own = time.perf_counter() - start, time.process_time() - own
@@ -111,7 +112,7 @@ def run(steps: int = STEPS, rounds: int = 3, *, log: Any = None) -> dict[str, An
     runs: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="bench-scaling-") as tmp:
         bench = StageBench(Path(tmp))
-        bench.run(5)  # warm-up: imports, kernels, lazy initialization of this process
+        bench.run(bench.config(5))  # warm-up: imports, kernels, lazy initialization of this process
         for r in range(rounds):
             for config in CONFIGS[r % 3:] + CONFIGS[: r % 3]:
                 one = _one(bench, config, steps) | {"round": r}

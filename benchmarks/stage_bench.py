@@ -4,8 +4,8 @@
 64-128-128-10, trained, all 1797 samples as one batch) as a checkpoint of the demo model class
 it equals (``pipelines.demo.DemoMLP``: the same ``nn.Sequential`` under ``net``), composes the
 pipeline's config from ``conf/`` (``model=demo_mlp``, ``data=digits``), makes the directions once
-with the directions stage, and then runs ``pipelines.stages.evaluate.evaluate`` into a fresh Zarr
-store each time: the checkpoint and data loaded, the grid cut into tiles, each tile evaluated,
+with the directions stage, and then runs ``pipelines.stages.evaluate.evaluate`` with a config composed beforehand
+into a fresh Zarr store each time: the checkpoint and data loaded, the grid cut into tiles, each tile evaluated,
 written and marked done, as ``python -m pipelines.run`` does (without MLflow).
 """
 
@@ -66,8 +66,9 @@ class StageBench:
             else:
                 os.environ["LANDSCAPES_ROOT"] = saved
 
-    def run(self, steps: int, *overrides: str, backend: Any = None) -> Any:
-        """One run of the evaluate stage into a fresh store (deleted afterwards); its ``EvaluateOutputs``."""
+    def run(self, cfg: Any, backend: Any = None) -> Any:
+        """One run of the evaluate stage with ``cfg`` (see :meth:`config`: composing is not timed
+        here; a pipeline run composes once) into a fresh store, deleted afterwards; its ``EvaluateOutputs``."""
         from pipelines.stages.evaluate import EvaluateInputs, evaluate
 
         self._runs += 1
@@ -75,7 +76,7 @@ class StageBench:
         inputs = EvaluateInputs(checkpoint=self.checkpoint, directions=self.directions, store=store,
                                 fingerprint=f"bench-{self._runs:08d}")
         try:
-            return evaluate(self.config(steps, *overrides), inputs, backend)
+            return evaluate(cfg, inputs, backend)
         finally:
             shutil.rmtree(store, ignore_errors=True)
             lock = store.with_name(store.name + ".lock")

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.measure import ForeignLoad
+from benchmarks.measure import ForeignLoad, until_quiet
 
 #: The issue's sizes (points per axis) and the bound on the ratio of the time per point.
 STEPS = (41, 101, 201)
@@ -34,8 +34,8 @@ LIMIT = 1.15
 NAME = "growth"
 
 
-def run(steps: tuple[int, ...] = STEPS, rounds: int = 3, *, threads: int | None = None,
-        log: Any = None) -> dict[str, Any]:
+def run(steps: tuple[int, ...] = STEPS, rounds: int = 3, *, threads: int | None = None, log: Any = None,
+        max_foreign: float = 1.0, retries: int = 0, quiet_wait: float = 120.0) -> dict[str, Any]:
     """Time the evaluate stage on ``steps × steps`` grids; return the JSON-able study record.
 
     Args:
@@ -43,6 +43,9 @@ def run(steps: tuple[int, ...] = STEPS, rounds: int = 3, *, threads: int | None 
         rounds: timed runs per size (alternating between sizes).
         threads: torch threads of this process (default: as set).
         log: ``print``-like callable for progress (default: stderr).
+        max_foreign, retries, quiet_wait: a run during which other processes used more than
+            ``max_foreign`` of the CPUs runs again after a quiet spell, ``retries`` times at most
+            (``python -m benchmarks``' policy; the default 1.0 never reruns).
 
     Returns:
         ``{"name", "description", "settings", "runs", "figures", "columns", "rows", "targets", "notes"}``.
@@ -61,19 +64,23 @@ def run(steps: tuple[int, ...] = STEPS, rounds: int = 3, *, threads: int | None 
         bench.run(bench.config(steps[0]))  # warm-up: imports, kernels, lazy initialization
         for r in range(rounds):
             for s in steps[r % len(steps):] + steps[: r % len(steps)]:
-                cfg = bench.config(s)
-                with ForeignLoad() as load:
-                    cpu, start = time.process_time(), time.perf_counter()
-                    out = bench.run(cfg)
-                    wall, cpu = time.perf_counter() - start, time.process_time() - cpu
-                runs.append({
-                    "round": r, "steps": s, "points": out.points, "stage_s": wall, "evaluate_s": out.seconds,
-                    "cpu_s": cpu, "tiles": out.tiles_computed, "tile_shape": list(out.tile_shape),
-                    "strategy": out.strategy, "foreign_load": load.fraction,
-                })
-                log(f"  [{r + 1}/{rounds}] {s}×{s}: stage {wall:.2f} s, evaluation {out.seconds:.2f} s, "
-                    f"{out.tiles_computed} tiles of {'×'.join(map(str, out.tile_shape))}")
+                one = until_quiet(lambda s=s: _one(bench, s), max_foreign, retries, quiet_wait, log) | {"round": r}
+                runs.append(one)
+                log(f"  [{r + 1}/{rounds}] {s}×{s}: stage {one['stage_s']:.2f} s, evaluation {one['evaluate_s']:.2f} s, "
+                    f"{one['tiles']} tiles of {'×'.join(map(str, one['tile_shape']))}")
     return summarize(runs, bench.description, threads=torch.get_num_threads())
+
+
+def _one(bench: Any, steps: int) -> dict[str, Any]:
+    """One timed run of the evaluate stage on a ``steps × steps`` grid."""
+    cfg = bench.config(steps)
+    with ForeignLoad() as load:
+        cpu, start = time.process_time(), time.perf_counter()
+        out = bench.run(cfg)
+        wall, cpu = time.perf_counter() - start, time.process_time() - cpu
+    return {"steps": steps, "points": out.points, "stage_s": wall, "evaluate_s": out.seconds, "cpu_s": cpu,
+            "tiles": out.tiles_computed, "tile_shape": list(out.tile_shape), "strategy": out.strategy,
+            "foreign_load": load.fraction}
 
 
 def summarize(runs: list[dict[str, Any]], description: str = "W-MLP-a", *, threads: int | None = None) -> dict[str, Any]:
@@ -90,6 +97,7 @@ def summarize(runs: list[dict[str, Any]], description: str = "W-MLP-a", *, threa
             "stage_us_per_point": 1e6 * stage / points, "evaluate_us_per_point": 1e6 * evaluate / points,
             "ms_per_tile": 1e3 * evaluate / tiles if tiles else float("nan"),
             "fixed_s": stage - evaluate, "foreign_load": max(r["foreign_load"] for r in mine),
+            "reruns": sum(r.get("reruns", 0) for r in mine),
         }
     small, large = figures[str(sizes[0])], figures[str(sizes[-1])]
     issue_sizes = (sizes[0], sizes[-1]) == (STEPS[0], STEPS[-1])
@@ -103,11 +111,11 @@ def summarize(runs: list[dict[str, Any]], description: str = "W-MLP-a", *, threa
             "detail": f"{ratio:.2f}× ({large[f'{key}_us_per_point']:.0f} µs vs {small[f'{key}_us_per_point']:.0f} µs){at}",
         })
     columns = ["grid", "points", "tiles", "tile", "strategy", "stage s", "µs/pt stage", "evaluation s",
-               "µs/pt evaluation", "ms/tile", "fixed s", "foreign"]
+               "µs/pt evaluation", "ms/tile", "fixed s", "foreign", "reruns"]
     rows = [[f"{f['steps']}×{f['steps']}", f"{f['points']:,}", str(f["tiles"]), "×".join(map(str, f["tile_shape"])),
              f["strategy"], f"{f['stage_s']:.3f}", f"{f['stage_us_per_point']:.0f}", f"{f['evaluate_s']:.3f}",
              f"{f['evaluate_us_per_point']:.0f}", f"{f['ms_per_tile']:.1f}", f"{f['fixed_s']:.3f}",
-             f"{f['foreign_load']:.0%}"] for f in figures.values()]
+             f"{f['foreign_load']:.0%}", str(f["reruns"])] for f in figures.values()]
     rounds = len(runs) // len(sizes)
     return {
         "name": NAME,
@@ -117,7 +125,7 @@ def summarize(runs: list[dict[str, Any]], description: str = "W-MLP-a", *, threa
         "settings": {"steps": sizes, "rounds": rounds, "threads": threads},
         "runs": runs, "figures": figures, "columns": columns, "rows": rows, "targets": targets,
         "notes": ["fixed s: stage call minus evaluation (checkpoint, data, directions, store creation); "
-                  "foreign: the largest share of the CPUs other processes used during a run of that size"],
+                  "foreign: the largest share of the CPUs other processes used during a run of that size (after reruns)"],
     }
 
 

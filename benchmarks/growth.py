@@ -62,6 +62,7 @@ def run(steps: tuple[int, ...] = STEPS, rounds: int = 3, *, threads: int | None 
     with tempfile.TemporaryDirectory(prefix="bench-growth-") as tmp:
         bench = StageBench(Path(tmp))
         bench.run(bench.config(steps[0]))  # warm-up: imports, kernels, lazy initialization
+        bench.discard()
         for r in range(rounds):
             for s in steps[r % len(steps):] + steps[: r % len(steps)]:
                 one = until_quiet(lambda s=s: _one(bench, s), max_foreign, retries, quiet_wait, log) | {"round": r}
@@ -78,6 +79,7 @@ def _one(bench: Any, steps: int) -> dict[str, Any]:
         cpu, start = time.process_time(), time.perf_counter()
         out = bench.run(cfg)
         wall, cpu = time.perf_counter() - start, time.process_time() - cpu
+    bench.discard()
     return {"steps": steps, "points": out.points, "stage_s": wall, "evaluate_s": out.seconds, "cpu_s": cpu,
             "tiles": out.tiles_computed, "tile_shape": list(out.tile_shape), "strategy": out.strategy,
             "foreign_load": load.fraction}

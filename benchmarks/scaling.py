@@ -82,7 +82,8 @@ def _one(bench: Any, config: str, steps: int) -> dict[str, Any]:
         out = bench.run(cfg, backend)
     finally:
         torch.set_num_threads(saved)
-    wall, own = time.perf_counter() - start, time.process_time() - own
+    wall, own, busy = time.perf_counter() - start, time.process_time() - own, _system_busy_seconds() - busy
+    bench.discard()
     ours = own + getattr(backend, "children_cpu", 0.0)
     timings = getattr(backend, "last_run", {}) if config != LOCAL else {}
     return {
@@ -92,7 +93,7 @@ def _one(bench: Any, config: str, steps: int) -> dict[str, Any]:
         "start_s": timings.get("start_seconds", 0.0), "close_s": timings.get("close_seconds", 0.0),
         "workers": timings.get("workers"),
         # other processes' share of the CPUs: all busy time less this process and its workers'
-        "foreign_load": max(0.0, (_system_busy_seconds() - busy - ours) / (wall * len(os.sched_getaffinity(0)))),
+        "foreign_load": max(0.0, (busy - ours) / (wall * len(os.sched_getaffinity(0)))),
     }
 
 
@@ -117,6 +118,7 @@ def run(steps: int = STEPS, rounds: int = 3, *, log: Any = None, max_foreign: fl
     with tempfile.TemporaryDirectory(prefix="bench-scaling-") as tmp:
         bench = StageBench(Path(tmp))
         bench.run(bench.config(5))  # warm-up: imports, kernels, lazy initialization of this process
+        bench.discard()
         for r in range(rounds):
             for config in CONFIGS[r % 3:] + CONFIGS[: r % 3]:
                 one = until_quiet(lambda c=config: _one(bench, c, steps), max_foreign, retries, quiet_wait, log)

@@ -68,17 +68,20 @@ class StageBench:
 
     def run(self, cfg: Any, backend: Any = None) -> Any:
         """One run of the evaluate stage with ``cfg`` (see :meth:`config`: composing is not timed
-        here; a pipeline run composes once) into a fresh store, deleted afterwards; its ``EvaluateOutputs``."""
+        here; a pipeline run composes once) into a fresh store; its ``EvaluateOutputs``. Call
+        :meth:`discard` after timing it, to delete the store."""
         from pipelines.stages.evaluate import EvaluateInputs, evaluate
 
         self._runs += 1
         store = self.workdir / f"landscape-{self._runs}.zarr"
         inputs = EvaluateInputs(checkpoint=self.checkpoint, directions=self.directions, store=store,
                                 fingerprint=f"bench-{self._runs:08d}")
-        try:
-            return evaluate(cfg, inputs, backend)
-        finally:
-            shutil.rmtree(store, ignore_errors=True)
-            lock = store.with_name(store.name + ".lock")
-            if lock.exists():
-                lock.unlink()
+        return evaluate(cfg, inputs, backend)
+
+    def discard(self) -> None:
+        """Delete the stores (and their lock files) of the runs so far."""
+        for path in self.workdir.glob("landscape-*.zarr*"):
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)

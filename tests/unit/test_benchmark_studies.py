@@ -26,7 +26,7 @@ def test_suite_runs_the_study_groups_and_the_report_reprints_them(tmp_path: Path
     out = tmp_path / "suite.json"
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks", "--quick", "--workloads", "W-BIG,growth,scaling", "--memory-cases",
-         "mlp-4m", "--memory-steps", "3", "--growth-steps", "3,5", "--scaling-steps", "5", "--out", str(out)],
+         "mlp-4m", "--memory-steps", "3", "--growth-steps", "3,5", "--scaling-steps", "5", "--threads", "1", "--out", str(out)],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]

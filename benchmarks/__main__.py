@@ -1,5 +1,10 @@
 """``python -m benchmarks``: run the suite, print the table, write the JSON record.
 
+The suite is the workload groups (contenders timed on one grid, below) and the study groups
+``W-BIG``, ``growth`` and ``scaling`` (``benchmarks.memory``, ``benchmarks.growth``,
+``benchmarks.scaling``: their own measurements, rounds and targets; ``--repeats`` does not apply
+to them). By default every group runs, each in a fresh process, and one record holds them all.
+
 Every contender of a workload runs once per repeat, in a fixed round-robin order, so machine
 noise hits all of them alike; one untimed warm-up round on a 3×3 grid comes first. A run
 during which other processes kept more than ``--max-foreign`` of the CPUs busy waits for the
@@ -36,6 +41,7 @@ from benchmarks.report import (
     write_json,
 )
 from benchmarks.workloads import (
+    STUDY_GROUPS,
     WORKLOAD_GROUPS,
     Sizes,
     Workload,
@@ -48,7 +54,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
     p.add_argument(
         "--workloads",
-        default=",".join(WORKLOAD_GROUPS),
+        default=",".join(WORKLOAD_GROUPS + STUDY_GROUPS),
         help="comma-separated subset of %(default)s",
     )
     p.add_argument(
@@ -60,8 +66,25 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--quick",
         action="store_true",
-        help="a smoke run (about 70 s on 2 idle cores): 11×11 MLP grids, 5×5 CNN, LM and GPU "
-        "grids, 8 LM sequences, 5,000 GPU images, each strategy at its own tile size only, 1 repeat",
+        help="a smoke run (a few minutes on 2 idle cores): 11×11 MLP grids, 5×5 CNN, LM and GPU "
+        "grids, 8 LM sequences, 5,000 GPU images, each strategy at its own tile size only, 1 repeat; "
+        "W-BIG: mlp-4m and pipeline-mlp-17m on 3×3; growth: 11², 21², 41²; scaling: 31×31; 1 round each",
+    )
+    p.add_argument(
+        "--memory-cases",
+        default=None,
+        help="W-BIG cases (default all: mlp-4m,gpt2-92m,pipeline-mlp-17m; with --quick all but gpt2-92m)",
+    )
+    p.add_argument(
+        "--memory-steps", type=int, default=None, help="W-BIG grid points per axis (default 5; 3 with --quick)"
+    )
+    p.add_argument(
+        "--growth-steps",
+        default=None,
+        help="growth grid sizes, points per axis (default 41,101,201; 11,21,41 with --quick)",
+    )
+    p.add_argument(
+        "--scaling-steps", type=int, default=None, help="scaling grid points per axis (default 101; 31 with --quick)"
     )
     p.add_argument(
         "--gpu-steps",
@@ -135,6 +158,24 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         args.max_foreign = 1.0 if args.quick else 0.1
     if args.repeats < 1:
         p.error(f"--repeats={args.repeats}: need at least one timed run")
+    groups = WORKLOAD_GROUPS + STUDY_GROUPS
+    unknown = [n.strip() for n in args.workloads.split(",") if n.strip() and n.strip() not in groups]
+    if unknown:
+        p.error(f"--workloads: unknown group(s) {', '.join(unknown)}; choose from {', '.join(groups)}")
+    if args.memory_cases is not None:
+        from benchmarks.memory import CASES
+
+        args.memory_cases = tuple(c.strip() for c in args.memory_cases.split(",") if c.strip())
+        bad = [c for c in args.memory_cases if c not in CASES]
+        if bad or not args.memory_cases:
+            p.error(f"--memory-cases={','.join(args.memory_cases)}: choose from {', '.join(CASES)}")
+    if args.growth_steps is not None:
+        try:
+            args.growth_steps = tuple(int(s) for s in args.growth_steps.split(",") if s.strip())
+        except ValueError:
+            args.growth_steps = ()
+        if len(set(args.growth_steps)) < 2 or min(args.growth_steps) < 2:
+            p.error("--growth-steps: give two grid sizes or more, each at least 2 points per axis, e.g. 41,201")
     if args.precisions is not None:
         args.precisions = [x.strip() for x in args.precisions.split(",") if x.strip()]
         bad = [x for x in args.precisions if x not in PRECISIONS]
@@ -364,8 +405,12 @@ def main(argv: list[str] | None = None) -> int:
         gpu_images=args.gpu_images or sizes.gpu_images,
         lm_steps=args.lm_steps or sizes.lm_steps,
         lm_sequences=args.lm_sequences or sizes.lm_sequences,
+        memory_cases=args.memory_cases or sizes.memory_cases,
+        memory_steps=args.memory_steps or sizes.memory_steps,
+        growth_steps=args.growth_steps or sizes.growth_steps,
+        scaling_steps=args.scaling_steps or sizes.scaling_steps,
     )
-    workloads, notes = build_workloads(names, sizes)
+    workloads, notes = build_workloads([n for n in names if n not in STUDY_GROUPS], sizes)
     workloads = _by_precision(workloads, args.precisions, notes)
     missing = _engine_available()
     if missing:
@@ -379,6 +424,10 @@ def main(argv: list[str] | None = None) -> int:
         log(f"{w.name}: {w.description}")
         contenders = all_contenders(w, with_engine=not missing, quick=args.quick)
         results.append(run_workload(w, contenders, args.repeats, policy, log, keep=values.setdefault(w.name, {})))
+    studies = []
+    for name in (n for n in names if n in STUDY_GROUPS):
+        log(f"{name}:")
+        studies.append(run_study(name, sizes, log, policy))
     _compare_with_fp32(results, values)
     # compare with the best throughput measured at any time in the run (the machine's ability)
     for r in results:
@@ -399,11 +448,33 @@ def main(argv: list[str] | None = None) -> int:
         "matmul_gflops": peak,
         "notes": notes,
         "wall_s": round(time.perf_counter() - t0, 1),
+        "studies": studies,
     }
     print(format_table(results, header))
     write_json(out, header, results)
     print(f"\nwrote {out}")
     return 0
+
+
+def run_study(name: str, sizes: Sizes, log: Callable[[str], None], policy: Policy = Policy(1.0, 0)) -> dict[str, Any]:
+    """Run the study group ``name`` (``W-BIG``, ``growth``, ``scaling``) at ``sizes``; its JSON-able record.
+
+    ``growth`` and ``scaling`` rerun disturbed timings by ``policy``, as the workloads do; ``W-BIG``
+    measures memory, which other processes do not disturb."""
+    rerun = dataclasses.asdict(policy)
+    if name == "W-BIG":
+        from benchmarks import memory
+
+        return memory.study(tuple(sizes.memory_cases), sizes.memory_steps, log=log)
+    if name == "growth":
+        from benchmarks import growth
+
+        return growth.run(tuple(sizes.growth_steps), sizes.growth_rounds, log=log, **rerun)
+    if name == "scaling":
+        from benchmarks import scaling
+
+        return scaling.run(sizes.scaling_steps, sizes.scaling_rounds, log=log, **rerun)
+    raise ValueError(f"run_study: {name!r} is not a study group; choose from {', '.join(STUDY_GROUPS)}")
 
 
 def _one_process_per_group(args: argparse.Namespace, names: list[str], out: Path, argv: list[str] | None) -> int:
@@ -431,6 +502,10 @@ def _one_process_per_group(args: argparse.Namespace, names: list[str], out: Path
             cmd += ["--precisions", ",".join(args.precisions)] if args.precisions else []
             cmd += ["--lm-steps", str(args.lm_steps)] if args.lm_steps else []
             cmd += ["--lm-sequences", str(args.lm_sequences)] if args.lm_sequences else []
+            cmd += ["--memory-cases", ",".join(args.memory_cases)] if args.memory_cases else []
+            cmd += ["--memory-steps", str(args.memory_steps)] if args.memory_steps else []
+            cmd += ["--growth-steps", ",".join(map(str, args.growth_steps))] if args.growth_steps else []
+            cmd += ["--scaling-steps", str(args.scaling_steps)] if args.scaling_steps else []
             proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, check=False)  # its log goes to stderr
             if proc.returncode != 0 or not part.exists():
                 print(f"{name}: its process failed (exit {proc.returncode}); see the log above", file=sys.stderr)
@@ -440,6 +515,7 @@ def _one_process_per_group(args: argparse.Namespace, names: list[str], out: Path
     header["command"] = "python -m benchmarks " + " ".join(sys.argv[1:] if argv is None else argv)
     header["processes"] = "one fresh process per workload group"
     header["notes"] = [n for h, _ in parts for n in h.get("notes", [])]
+    header["studies"] = [st for h, _ in parts for st in h.get("studies", [])]
     header["wall_s"] = round(time.perf_counter() - started, 1)
     peaks: dict[str, float] = {}
     for h, _ in parts:

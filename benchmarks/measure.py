@@ -30,6 +30,7 @@ __all__ = [
     "settle_allocator",
     "sync",
     "timed",
+    "until_quiet",
     "wait_for_quiet",
 ]
 
@@ -191,6 +192,25 @@ def wait_for_quiet(threshold: float, timeout: float, *, window: float = 1.0) -> 
         if not load.fraction > threshold:  # NaN (no /proc/stat) counts as quiet
             break
     return time.perf_counter() - start
+
+
+def until_quiet(
+    run: Callable[[], dict[str, float]],
+    max_foreign: float,
+    retries: int,
+    quiet_wait: float,
+    log: Callable[[str], None],
+) -> dict[str, float]:
+    """Call ``run`` (a timed run returning a record with ``foreign_load``) and run it again, after
+    waiting for a quiet machine, while other processes used more than ``max_foreign`` of the CPUs
+    meanwhile (at most ``retries`` times); the last record, with ``reruns`` added."""
+    for attempt in range(retries + 1):
+        record = run()
+        if not record["foreign_load"] > max_foreign or attempt == retries:
+            return record | {"reruns": attempt}
+        waited = wait_for_quiet(max_foreign, quiet_wait)
+        log(f"    other processes used {record['foreign_load']:.0%} of the CPUs; waited {waited:.0f} s, running again")
+    raise AssertionError("unreachable")
 
 
 @dataclass

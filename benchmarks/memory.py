@@ -227,6 +227,53 @@ def measure(case: str, steps: int = 5, timeout: float = 1800) -> dict[str, Any]:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+COLUMNS = ["case", "parameters", "fp32 size", "strategy", "before (model + data + 2 dirs)", "one forward",
+           "engine peak", "total peak", "working space (total − 4)", "target", "seconds"]
+
+
+def judge(case: str, r: dict[str, Any]) -> tuple[list[str], dict[str, Any]]:
+    """The table row of one case's record and its target check (see the module's docstring)."""
+    allowance = r["forward"] + SLACK + (0 if case in STAGED else STORE_CHUNKS / (4 * r["parameters"]))
+    met = bool(r["total"] <= 4 + allowance and r["finite"])
+    before, forward = (f"{r['before']:.2f}×", f"+{r['forward']:.2f}×") if case in STAGED else ("—", "—")
+    row = [case, f"{r['parameters'] / 1e6:.1f} M", f"{r['model_mib']:.0f} MiB", r["strategy"], before, forward,
+           f"+{r['engine']:.2f}×", f"{r['total']:.2f}×", f"{r['total'] - 4:+.2f}×", "met" if met else "missed",
+           f"{r['seconds']:.1f}"]
+    target = {"target": f"{case}: total peak ≤ 4 + one forward + {SLACK:g} model sizes"
+                        + ("" if case in STAGED else f" (+ {STORE_CHUNKS >> 20} MiB of store chunks)"),
+              "met": met, "detail": f"{r['total']:.2f}× ≤ {4 + allowance:.2f}×" if met
+              else f"{r['total']:.2f}× > {4 + allowance:.2f}×" + ("" if r["finite"] else ", values not finite")}
+    return row, target
+
+
+def study(cases: tuple[str, ...] = CASES, steps: int = 5, *, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Measure ``cases`` (each in a fresh interpreter); the JSON-able study record of ``W-BIG``.
+
+    ``gpt2-92m`` is skipped, with a note, when ``transformers`` is not installed.
+    """
+    import importlib.util
+
+    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    records, rows, targets, notes = [], [], [], []
+    for case in cases:
+        if case == "gpt2-92m" and importlib.util.find_spec("transformers") is None:
+            notes.append("gpt2-92m skipped: transformers is not installed (pip install -e '.[models]')")
+            continue
+        r = measure(case, steps)
+        row, target = judge(case, r)
+        records.append(r)
+        rows.append(row)
+        targets.append(target)
+        log(f"  {case}: total peak {r['total']:.2f}× the model, {r['seconds']:.1f} s")
+    return {
+        "name": "W-BIG",
+        "description": f"large models in bounded memory (benchmarks.memory): peak resident memory of evaluate on a "
+                       f"{steps}×{steps} plane, each case in a fresh process, in units of the model's fp32 size",
+        "settings": {"cases": list(cases), "steps": steps, "slack": SLACK, "store_chunks": STORE_CHUNKS},
+        "runs": records, "columns": COLUMNS, "rows": rows, "targets": targets, "notes": notes,
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.memory", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -242,17 +289,11 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [c for c in cases if c not in CASES]
     if unknown:
         p.error(f"unknown case(s) {unknown}; choose from {list(CASES)}")
-    print("| case | parameters | fp32 size | strategy | before (model + data + 2 dirs) | one forward | "
-          "engine peak | total peak | working space (total − 4) | target | seconds |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| " + " | ".join(COLUMNS) + " |")
+    print("|---" * len(COLUMNS) + "|")
     for case in cases:
-        r = measure(case, args.steps)
-        allowance = r["forward"] + SLACK + (0 if case in STAGED else STORE_CHUNKS / (4 * r["parameters"]))
-        ok = "met" if r["total"] <= 4 + allowance and r["finite"] else "missed"
-        before, forward = (f"{r['before']:.2f}×", f"+{r['forward']:.2f}×") if case in STAGED else ("—", "—")
-        print(f"| {case} | {r['parameters'] / 1e6:.1f} M | {r['model_mib']:.0f} MiB | {r['strategy']} | "
-              f"{before} | {forward} | +{r['engine']:.2f}× | {r['total']:.2f}× | "
-              f"{r['total'] - 4:+.2f}× | {ok} | {r['seconds']:.1f} |", flush=True)
+        row, _ = judge(case, measure(case, args.steps))
+        print("| " + " | ".join(row) + " |", flush=True)
     return 0
 
 

@@ -1,4 +1,13 @@
-"""Figures from raw timings, the targets of issue 6, the printed table and the JSON record."""
+"""Figures from raw timings, the targets of issue 6, the printed table and the JSON record.
+
+Besides the workloads (one :class:`WorkloadResult` each), a record holds *studies*: the groups
+that measure something else than one grid's contenders (``W-BIG``: memory on large models,
+``growth``: time per point as the grid grows, ``scaling``: the dask backend against the local
+one). Each is a JSON-able dict made by its module (``benchmarks.memory``, ``benchmarks.growth``,
+``benchmarks.scaling``) with ``name``, ``description``, ``columns``, ``rows`` (formatted cells),
+``targets`` (``{"target", "met", "detail"}``) and ``notes``, beside its raw figures; the record
+keeps them under ``"studies"``, in the order they ran.
+"""
 
 from __future__ import annotations
 
@@ -16,6 +25,8 @@ __all__ = [
     "WorkloadResult",
     "check_targets",
     "format_markdown",
+    "format_study",
+    "format_study_markdown",
     "format_table",
     "load_json",
     "max_relative_difference",
@@ -292,9 +303,47 @@ def format_table(results: list[WorkloadResult], header: dict[str, Any]) -> str:
         for t in w.targets:
             mark = {True: "MET   ", False: "MISSED", None: "n/a   "}[t["met"]]
             lines.append(f"  [{mark}] {t['target']}: {t['detail']}")
+    for study in header.get("studies", []):
+        lines += ["", format_study(study)]
     for note in header.get("notes", []):
         lines += ["", note]
     return "\n".join(lines)
+
+
+_MARKS = {True: "MET   ", False: "MISSED", None: "n/a   "}
+
+
+def format_study(study: dict[str, Any]) -> str:
+    """Plain-text table of one study (see the module docstring), then its target checks and notes."""
+    lines = [f"{study['name']}: {study['description']}"]
+    rows = [list(study["columns"]), *study["rows"]]
+    if study["rows"]:
+        widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+        for n, r in enumerate(rows):
+            cells = [str(r[0]).ljust(widths[0])] + [str(v).rjust(wd) for v, wd in zip(r[1:], widths[1:], strict=True)]
+            lines.append("  " + "  ".join(cells).rstrip())
+            if n == 0:
+                lines.append("  " + "  ".join("-" * wd for wd in widths))
+    for t in study["targets"]:
+        lines.append(f"  [{_MARKS[t['met']]}] {t['target']}: {t['detail']}")
+    lines += [f"  {note}" for note in study.get("notes", [])]
+    return "\n".join(lines)
+
+
+def format_study_markdown(study: dict[str, Any]) -> str:
+    """Markdown table of one study, then its target checks and notes."""
+    out = [f"**{study['name']}**: {study['description']}.", ""]
+    if study["rows"]:
+        out += ["| " + " | ".join(study["columns"]) + " |",
+                "|---" + "|--:" * (len(study["columns"]) - 1) + "|"]
+        out += ["| " + " | ".join(map(str, r)) + " |" for r in study["rows"]]
+        out.append("")
+    for t in study["targets"]:
+        mark = {True: "met", False: "**missed**", None: "n/a"}[t["met"]]
+        out.append(f"- {t['target']}: {mark} ({t['detail']})")
+    out += [f"- {note}" for note in study.get("notes", [])]
+    out.append("")
+    return "\n".join(out)
 
 
 def _clean(obj: Any) -> Any:
@@ -310,8 +359,8 @@ def _clean(obj: Any) -> Any:
     return obj
 
 
-def format_markdown(results: list[WorkloadResult]) -> str:
-    """Markdown tables (for docs/benchmarks.md), one per workload, with the target checks."""
+def format_markdown(results: list[WorkloadResult], studies: list[dict[str, Any]] = ()) -> str:
+    """Markdown tables (for docs/benchmarks.md), one per workload and study, with the target checks."""
     out: list[str] = []
     for w in results:
         out += [
@@ -336,6 +385,7 @@ def format_markdown(results: list[WorkloadResult]) -> str:
             mark = {True: "met", False: "**missed**", None: "n/a"}[t["met"]]
             out.append(f"- {t['target']}: {mark} ({t['detail']})")
         out.append("")
+    out += [format_study_markdown(study) for study in studies]
     return "\n".join(out)
 
 
@@ -369,4 +419,4 @@ if __name__ == "__main__":  # python -m benchmarks.report RESULT.json: Markdown 
     import sys
 
     header, loaded = load_json(Path(sys.argv[1]))
-    print(format_markdown(loaded))
+    print(format_markdown(loaded, header.get("studies", [])))

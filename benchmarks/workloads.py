@@ -9,6 +9,11 @@
   ``labels``). Skipped with a note when ``transformers`` is not installed.
 * ``W-GPU``: ResNet-56 on 50,000 seeded synthetic CIFAR-sized images (TF32 and bf16 autocast),
   plus W-MLP on the GPU. Built only when CUDA is available.
+
+The study groups (:data:`STUDY_GROUPS`) are measured by modules of their own, not contender by
+contender: ``W-BIG`` (``benchmarks.memory``: peak memory on large models), ``growth``
+(``benchmarks.growth``: time per point from a 41×41 to a 201×201 grid) and ``scaling``
+(``benchmarks.scaling``: the dask backend with one and two workers against the local backend).
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ __all__ = [
     "Workload",
     "Sizes",
     "WORKLOAD_GROUPS",
+    "STUDY_GROUPS",
     "build_workloads",
     "precision_context",
     "resnet56",
@@ -242,8 +248,10 @@ _MLP_TILES = (16, 64, 256)
 _CNN_TILES = (8, 64)
 _GPU_TILES = ()  # ResNet-56 runs take minutes each: only the engine's own tile sizes
 
-#: The groups ``--workloads`` accepts.
+#: The workload groups ``--workloads`` accepts: contenders timed on one grid.
 WORKLOAD_GROUPS = ("W-MLP-a", "W-MLP-b", "W-CNN", "W-LM", "W-GPU")
+#: The study groups ``--workloads`` accepts (see the module docstring).
+STUDY_GROUPS = ("W-BIG", "growth", "scaling")
 
 
 @dataclass(frozen=True)
@@ -256,10 +264,18 @@ class Sizes:
     gpu_images: int = 50_000
     lm_steps: int = 21
     lm_sequences: int = 64
+    memory_cases: tuple[str, ...] = ("mlp-4m", "gpt2-92m", "pipeline-mlp-17m")  # W-BIG
+    memory_steps: int = 5
+    growth_steps: tuple[int, ...] = (41, 101, 201)
+    growth_rounds: int = 3
+    scaling_steps: int = 101
+    scaling_rounds: int = 3
 
     @classmethod
     def quick(cls) -> Sizes:
-        return cls(mlp_steps=11, cnn_steps=5, gpu_steps=5, gpu_images=5_000, lm_steps=5, lm_sequences=8)
+        return cls(mlp_steps=11, cnn_steps=5, gpu_steps=5, gpu_images=5_000, lm_steps=5, lm_sequences=8,
+                   memory_cases=("mlp-4m", "pipeline-mlp-17m"), memory_steps=3, growth_steps=(11, 21, 41),
+                   growth_rounds=1, scaling_steps=31, scaling_rounds=1)
 
 
 @functools.cache

@@ -256,10 +256,12 @@ def _fallback(c: Contender, info: dict[str, Any]) -> str | None:
 
 def _duplicate(r: ContenderResult, resolved: dict[tuple[Any, ...], str]) -> str | None:
     """``"same as X"`` when an earlier engine contender resolved to the same strategy, tile
-    and pass size (a requested tile above the engine's cap, say), so timing it again adds nothing."""
+    and pass size, compiled or not (a requested tile above the engine's cap, say), so timing it
+    again adds nothing."""
     if "strategy" not in r.info:
         return None
-    key = (r.info["strategy"], r.info.get("tile_points"), r.info.get("pass_points"))
+    compiled = str(r.info.get("compile", "")).startswith("on")
+    key = (r.info["strategy"], r.info.get("tile_points"), r.info.get("pass_points"), compiled)
     if key in resolved:
         return f"same as {resolved[key]}"
     resolved[key] = r.name

@@ -89,14 +89,15 @@ class EngineContender:
 
     strategy: str = "auto"
     max_batch_points: int | None = None
+    compile: str | None = None  # None: evaluate's default ("auto")
     same_directions: bool = True
 
     @property
     def name(self) -> str:
-        if self.strategy == "auto" and self.max_batch_points is None:
+        if self.strategy == "auto" and self.max_batch_points is None and self.compile is None:
             return "engine default"
         tile = "auto" if self.max_batch_points is None else str(self.max_batch_points)
-        return f"engine {self.strategy} M={tile}"
+        return f"engine {self.strategy} M={tile}" + ("" if self.compile is None else f" compile={self.compile}")
 
     def run(self, workload: Workload, directions: Directions) -> RunOutput:
         import landscapes
@@ -108,13 +109,16 @@ class EngineContender:
         kwargs: dict[str, Any] = {"strategy": self.strategy, "device": None, "precision": workload.precision}
         if self.max_batch_points is not None:
             kwargs["max_batch_points"] = self.max_batch_points
+        if self.compile is not None:
+            kwargs["compile"] = self.compile
+        torch._dynamo.reset()  # every run compiles afresh, as a new process would (inductor's disk cache stays)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             land = landscapes.evaluate(workload.model, metric, directions, workload.axes, **kwargs)
         meta = dict(getattr(land, "metadata", {}) or {})
         info = {
             k: meta[k]
-            for k in ("strategy", "tile_points", "pass_points", "tile_shape", "strategy_reason", "memory_budget", "precision")
+            for k in ("strategy", "tile_points", "pass_points", "tile_shape", "strategy_reason", "memory_budget", "precision", "compile")
             if k in meta
         }
         if caught:
@@ -132,6 +136,8 @@ def engine_contenders(workload: Workload, *, quick: bool = False) -> list[Engine
             out += [
                 EngineContender(strategy, m) for m in workload.tile_sizes if m < workload.points
             ]
+    if workload.compile_candidates:  # the loop's forwards compiled and not, whatever auto decides
+        out += [EngineContender("loop", None, compile="on"), EngineContender("loop", None, compile="off")]
     return out
 
 
@@ -228,6 +234,10 @@ class LossLandscapesContender:
 
             model = GeneralModelWrapper(workload.model, [workload.model], lambda m, batch: m(**batch))
             metric = _LLTokenLoss(workload.batches)
+        # its filter normalization divides by each bias element's norm after scaling the bias to
+        # θ0's, so an all-zero bias (GPT-2's at initialization) raises ZeroDivisionError: on the
+        # language model it runs unnormalized (a speed reference; its values are not compared)
+        normalization = "filter" if workload.batches is None else None
         torch.manual_seed(0)  # it draws from the global generator
         with (
             _directions_on(workload.device),
@@ -238,10 +248,10 @@ class LossLandscapesContender:
                 metric,
                 distance=1,
                 steps=workload.steps,
-                normalization="filter",
+                normalization=normalization,
                 deepcopy_model=True,
             )
-        return RunOutput(np.asarray(values, dtype=np.float64))
+        return RunOutput(np.asarray(values, dtype=np.float64), {"normalization": str(normalization)})
 
 
 class _LLTokenLoss:

@@ -233,6 +233,7 @@ def _resolved(c: ContenderResult) -> str:
     shape = c.info.get("tile_shape")
     tile, passes = c.info.get("tile_points", "?"), c.info.get("pass_points")
     text = f"{c.info['strategy']}/{tile}" + (f"·{passes}" if passes not in (None, tile) and c.info["strategy"] != "loop" else "")
+    text += " compiled" if str(c.info.get("compile", "")).startswith("on") else ""
     return text + (f" [{'×'.join(map(str, shape))}]" if shape else "")
 
 

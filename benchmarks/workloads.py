@@ -66,6 +66,8 @@ class Workload:
     #: metric is the next-token loss over them, and ``inputs``/``targets`` hold all the
     #: sequences' ``input_ids``/``labels`` (for FLOP counts and sizes). None: a classifier.
     batches: list[dict[str, Any]] | None = None
+    #: Also time the loop with ``compile="on"`` and ``"off"`` (the CNN and the transformer).
+    compile_candidates: bool = False
 
     @property
     def axes(self) -> list[np.ndarray]:
@@ -323,6 +325,7 @@ def _cnn_workloads(device: torch.device, steps: int) -> list[Workload]:
             steps,
             device,
             tile_sizes=_CNN_TILES,
+            compile_candidates=True,
         )
     ]
 
@@ -379,7 +382,7 @@ def _lm_workloads(device: torch.device, sizes: Sizes) -> list[Workload]:
     desc = (f"GPT-2-style decoder ({cfg['n_layer']} layers, width {cfg['n_embd']}, {cfg['n_head']} heads, "
             f"vocab {cfg['vocab_size']}), next-token loss, {sizes.lm_sequences} sequences × {LM_TOKENS} tokens "
             f"in dict batches of {LM_BATCH}")
-    return [Workload("W-LM", desc, model, ids, ids.clone(), sizes.lm_steps, device, batches=batches)]
+    return [Workload("W-LM", desc, model, ids, ids.clone(), sizes.lm_steps, device, batches=batches, compile_candidates=True)]
 
 
 def _gpu_workloads(sizes: Sizes) -> list[Workload]:

@@ -22,8 +22,9 @@ from torch import nn
 CompileMode = Literal["off", "on", "auto"]
 COMPILE_MODES = ("off", "on", "auto")
 #: ``"auto"`` compiles when the eager forwards of the whole grid are estimated to take at least
-#: this long: compiling a 4-layer GPT-2 took about 30 s on 2 CPU cores (docs/benchmarks.md).
-COMPILE_AFTER_SECONDS = 120.0
+#: this long: compiling a 4-layer GPT-2 took 10–30 s on 2 CPU cores and its forwards then ran
+#: about 1.5× faster (docs/benchmarks.md), so a compile pays off from about a minute of forwards.
+COMPILE_AFTER_SECONDS = 60.0
 #: How far a compiled forward may differ from the eager one on the check batch, as
 #: max |compiled − eager| / max |eager| over every output tensor (reductions reorder).
 TOLERANCE = {"fp32": 1e-5, "tf32": 5e-3, "bf16": 5e-2}

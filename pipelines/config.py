@@ -79,7 +79,7 @@ class Precision(StrEnum):
 
 
 class CompileMode(StrEnum):
-    auto = "auto"  # torch.compile the loop's forwards when they are estimated to take over 2 minutes eagerly
+    auto = "auto"  # torch.compile the loop's forwards when they are estimated to take over a minute eagerly
     on = "on"
     off = "off"
 

@@ -61,7 +61,7 @@ def test_compiled_loop_equals_the_eager_loop_and_says_so():
 def test_auto_compiles_only_when_the_eager_forwards_take_long(monkeypatch):
     model, metric, dirs = _setup()
     small = L.evaluate(model, metric, dirs, AXES, strategy="loop")  # auto: 25 points of a tiny model
-    assert small.metadata["compile"].startswith("off: the eager forwards are estimated at 0 s, under the 120 s")
+    assert small.metadata["compile"].startswith("off: the eager forwards are estimated at 0 s, under the 60 s")
     monkeypatch.setattr(compiled, "COMPILE_AFTER_SECONDS", 0.0)
     big = L.evaluate(model, metric, dirs, AXES, strategy="loop")
     assert big.metadata["compile"].startswith("on: inductor")

@@ -325,3 +325,29 @@ def test_batched_cross_entropy_paths_equal_the_loss_function(mlp, data, loss_fn)
     fast = L.evaluate(mlp, L.Loss(loss_fn, x, y), dirs, axes, strategy="batched")
     want = landscape_reference(mlp, loss_fn, x, y, dirs, axes)
     np.testing.assert_allclose(fast["loss"], want, rtol=RTOL)
+
+
+def test_loop_goes_point_by_point_over_blocks_of_batches(monkeypatch):
+    """Several batches: the loop writes a point's θ once per block of batches and runs the block;
+    blocks of one batch (the budget at 0) and of all of them give the same values, which equal
+    a hand computation over the whole dataset."""
+    import importlib
+
+    E = importlib.import_module("landscapes.evaluate")  # the package's `evaluate` is the function
+    model = make_mlp()
+    g = torch.Generator().manual_seed(2)
+    batches = [(torch.randn(n, 6, generator=g), torch.randint(0, 3, (n,), generator=g)) for n in (7, 5, 9)]
+    metric = L.Loss(nn.CrossEntropyLoss(), batches)
+    dirs = [L.random_direction(model, seed=s) for s in (0, 1)]
+    axes = [np.linspace(-1, 1, 3)] * 2
+    ev = E.Evaluator(model, metric, dirs, strategy="loop")
+    assert [len(b) for b in ev._blocks(ev._groups[0], E.LOOP_BLOCK_BYTES)] == [3]
+    assert [len(b) for b in ev._blocks(ev._groups[0], 0)] == [1, 1, 1]
+    assert [len(b) for b in ev._blocks(ev._groups[0], 400)] == [2, 1]  # 224 + 160 bytes fit, + 288 do not
+    together = L.evaluate(model, metric, dirs, axes, strategy="loop").values["loss"]
+    monkeypatch.setattr(E, "LOOP_BLOCK_BYTES", 0)
+    apart = L.evaluate(model, metric, dirs, axes, strategy="loop").values["loss"]
+    np.testing.assert_allclose(together, apart, rtol=1e-6)
+    x, y = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
+    want = landscape_reference(model, nn.CrossEntropyLoss(), x, y, dirs, axes)
+    np.testing.assert_allclose(together, want, rtol=1e-5)

@@ -773,7 +773,7 @@ class Evaluator:
         block: list[tuple[Any, torch.Tensor]] = []
         size = 0
         for x, y in self._batches(group):
-            nbytes = _nbytes(x) + _nbytes(y)
+            nbytes = tensor_bytes(x) + tensor_bytes(y)
             if block and size + nbytes > budget:
                 yield block
                 block, size = [], 0
@@ -1086,17 +1086,6 @@ def evaluate_tile(evaluator: Evaluator, axes: Sequence[np.ndarray], slices: Sequ
     grid = Grid(axes)
     slices = tuple(slice(*s.indices(n)[:2]) for s, n in zip(slices, grid.shape, strict=True))
     return evaluator.evaluate_tile(grid, Tile(index=(), slices=slices))
-
-
-def _nbytes(x: Any) -> int:
-    """Bytes of the tensors in a batch (nested tuples, lists, mappings)."""
-    if isinstance(x, torch.Tensor):
-        return x.numel() * x.element_size()
-    if isinstance(x, Mapping):
-        return sum(_nbytes(v) for v in x.values())
-    if isinstance(x, (tuple, list)):
-        return sum(_nbytes(v) for v in x)
-    return 0
 
 
 def _batch_count(data: Any) -> int:

@@ -663,20 +663,20 @@ def _orthogonalize(w: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
     return (h + h2).double()
 
 
-def _wanted(order: torch.Tensor, count: int, which: str) -> torch.Tensor:
+def _wanted(order: np.ndarray, count: int, which: str) -> np.ndarray:
     """Indices (into ascending Ritz values of length m) of the ``count`` wanted/kept ones
     (``which="magnitude"``: the largest |θ|, for the deflation of the spectral density)."""
-    m = order.numel()
+    m = order.shape[0]
     count = min(count, m)
     if which == "magnitude":
-        return torch.sort(torch.argsort(order.abs())[m - count:]).values
+        return np.sort(np.argsort(np.abs(order), kind="stable")[m - count:])
     if which == "largest":
-        return torch.arange(m - count, m)
+        return np.arange(m - count, m)
     if which == "smallest":
-        return torch.arange(0, count)
+        return np.arange(0, count)
     low = (count + 1) // 2
     high = count - low
-    return torch.cat([torch.arange(0, low), torch.arange(m - high, m)]) if high else torch.arange(0, low)
+    return np.concatenate([np.arange(0, low), np.arange(m - high, m)]) if high else np.arange(0, low)
 
 
 def _krylov_schur(
@@ -710,24 +710,29 @@ def _krylov_schur(
     nwant = 2 * k if which == "both" else k
     device = v0.device
     V = torch.zeros(ncv, n, dtype=dtype, device=device)
-    T = torch.zeros(ncv, ncv, dtype=torch.float64)
-    b = torch.zeros(ncv, dtype=torch.float64)
+    # the small projected problem lives in numpy: microseconds per operation, not tens
+    T = np.zeros((ncv, ncv))
+    b = np.zeros(ncv)
     f = (v0 / v0.norm()).to(dtype)
     m, hvps, cycles = 0, 0, 0
     breakdown_tol = 1e-12
+
+    def rows(S: np.ndarray) -> torch.Tensor:  # coefficients (r, m) on the basis' device and dtype
+        return torch.from_numpy(np.ascontiguousarray(S)).to(device, dtype)
+
     while True:
         cycles += 1
         while True:  # extend by Lanczos steps; test the wanted Ritz pairs after each one
             V[m] = f
             w = matvec(V[m]).to(dtype)
             hvps += 1
-            h = _orthogonalize(w, V[: m + 1]).cpu()
+            h = _orthogonalize(w, V[: m + 1]).cpu().numpy()
             T[: m + 1, m] = h
             T[m, : m + 1] = h
-            b.zero_()
-            beta = float(w.double().norm())
+            b[:] = 0.0
+            beta = float(torch.linalg.vector_norm(w, dtype=torch.float64))
             m += 1
-            scale = float(T[:m, :m].abs().max())
+            scale = float(np.abs(T[:m, :m]).max())
             if m < n and beta <= breakdown_tol * max(scale, 1e-300):
                 # an invariant subspace: continue from a new random vector orthogonal to it
                 r = torch.randn(n, generator=gen, dtype=torch.float64).to(device, dtype)
@@ -737,29 +742,29 @@ def _krylov_schur(
                 b[m - 1] = beta
                 f = w / beta if beta > 0 else w
             if m >= n:
-                b.zero_()  # the whole space: the decomposition is exact
+                b[:] = 0.0  # the whole space: the decomposition is exact
             if m < nwant and m < n:
                 continue
-            theta, S = torch.linalg.eigh(0.5 * (T[:m, :m] + T[:m, :m].T))
-            res = (b[:m] @ S).abs()
+            theta, S = np.linalg.eigh(0.5 * (T[:m, :m] + T[:m, :m].T))
+            res = np.abs(b[:m] @ S)
             idx = _wanted(theta, nwant, which)
-            scale = max(float(theta.abs().max()), 1e-300)
-            bound = theta[idx].abs().clamp(min=RELATIVE_FLOOR * scale) if each else scale
+            scale = max(float(np.abs(theta).max()), 1e-300)
+            bound = np.maximum(np.abs(theta[idx]), RELATIVE_FLOOR * scale) if each else scale
             done = bool((res[idx] <= tol * bound).all()) or m >= n
             if done or hvps >= max_hvps:
-                Y = S[:, idx].T.to(device, dtype) @ V[:m]
-                return theta[idx], Y, res[idx], done, cycles
+                Y = rows(S[:, idx].T) @ V[:m]
+                return torch.from_numpy(theta[idx].copy()), Y, torch.from_numpy(res[idx].copy()), done, cycles
             if m >= ncv:
                 break
         keep = min(m - 1, max(nwant + (m - nwant) // 2, nwant + 1))
         kept = _wanted(theta, keep, which)
         Sk = S[:, kept]
-        V[: kept.numel()] = Sk.T.to(device, dtype) @ V[:m]
-        T.zero_()
-        T[: kept.numel(), : kept.numel()] = torch.diag(theta[kept])
+        V[: len(kept)] = rows(Sk.T) @ V[:m]
+        T[:] = 0.0
+        T[: len(kept), : len(kept)] = np.diag(theta[kept])
         newb = Sk.T @ b[:m]
-        b.zero_()
-        m = kept.numel()
+        b[:] = 0.0
+        m = len(kept)
         b[:m] = newb
         # f stays: it is orthogonal to the kept Ritz vectors, which span a subspace of V
 

@@ -163,8 +163,12 @@ class SequentialPlan:
             base, moves = _first_products(x, k, first, cache, mod if isinstance(mod, nn.Conv2d) else None)
         out: torch.Tensor | None = None
         scratch: dict[int, torch.Tensor] = {}  # layer index -> its output buffer, reused
+        # autocast skips ops with out=: under it (precision="bf16") each product makes its output
+        autocast = torch.is_autocast_enabled(x.device.type)
 
-        def buffer(i: int, like: torch.Tensor, shape: tuple[int, ...] | None = None) -> torch.Tensor:
+        def buffer(i: int, like: torch.Tensor, shape: tuple[int, ...] | None = None) -> torch.Tensor | None:
+            if autocast:
+                return None
             buf = scratch.get(i)
             if buf is None or buf.shape != (shape or like.shape):
                 buf = scratch[i] = torch.empty_like(like) if shape is None else like.new_empty(shape)

@@ -214,3 +214,21 @@ def test_bf16_uses_each_points_own_weights(image_data, model_mode) -> None:
     bf16 = L.evaluate(model, metric, dirs, axes, strategy="loop", model_mode=model_mode, precision="bf16")
     assert np.ptp(fp32["loss"]) > 0.3  # the line really moves
     np.testing.assert_allclose(bf16["loss"], fp32["loss"], rtol=BF16_RTOL)
+
+
+def test_bf16_batched_one_point_passes() -> None:
+    """All 1797 digits through the demo MLP: batched tiles of one-point passes (their outputs in
+    reused buffers, which autocast would skip) run in bf16 too."""
+    from pipelines.demo import DemoMLP, load_digits_tensors
+
+    x, y = load_digits_tensors()
+    torch.manual_seed(0)
+    model = DemoMLP()
+    dirs = [L.random_direction(model, seed=s) for s in (0, 1)]
+    loss = L.Loss(nn.CrossEntropyLoss(), x, y)
+    axes = [L.axis(-1, 1, 3)] * 2
+    fp32 = L.evaluate(model, loss, dirs, axes)
+    bf16 = L.evaluate(model, loss, dirs, axes, precision="bf16")
+    assert (bf16.metadata["strategy"], bf16.metadata["pass_points"]) == ("batched", 1)
+    np.testing.assert_allclose(bf16["loss"], fp32["loss"], rtol=BF16_RTOL)
+    assert not np.array_equal(bf16["loss"], fp32["loss"])

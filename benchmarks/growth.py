@@ -15,7 +15,6 @@ smallest's meets the targets; a smaller one (fixed costs amortized over more poi
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -132,7 +131,7 @@ def summarize(runs: list[dict[str, Any]], description: str = "W-MLP-a", *, threa
 
 
 def main(argv: list[str] | None = None) -> int:
-    from benchmarks.report import _clean, format_study
+    from benchmarks.report import format_study, write_record
 
     p = argparse.ArgumentParser(prog="python -m benchmarks.growth", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -146,8 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     study = run(steps, 1 if args.quick else args.rounds, threads=args.threads)
     print(format_study(study))
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(_clean(study), indent=2, ensure_ascii=False) + "\n")
+        write_record(args.out, study)
     return 0
 
 

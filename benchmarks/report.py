@@ -411,8 +411,12 @@ _OPTIONAL = {"error", "skipped", "max_rel_diff_vs_loop", "max_rel_diff_vs_fp32",
 
 def write_json(path: Path, header: dict[str, Any], results: list[WorkloadResult]) -> None:
     """Write the header (machine, command, settings) and every raw and derived figure."""
+    write_record(path, {**header, "workloads": [asdict(w) for w in results]})
+
+
+def write_record(path: Path, record: dict[str, Any]) -> None:
+    """``record`` as indented JSON at ``path`` (numpy and torch scalars as plain numbers)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    record = {**header, "workloads": [asdict(w) for w in results]}
     path.write_text(json.dumps(_clean(record), indent=2, ensure_ascii=False) + "\n")
 
 

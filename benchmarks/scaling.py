@@ -15,7 +15,6 @@ running every configuration once, the order rotating from round to round; median
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import statistics
@@ -180,7 +179,7 @@ def summarize(runs: list[dict[str, Any]], description: str = "W-MLP-a") -> dict[
 
 
 def main(argv: list[str] | None = None) -> int:
-    from benchmarks.report import _clean, format_study
+    from benchmarks.report import format_study, write_record
 
     p = argparse.ArgumentParser(prog="python -m benchmarks.scaling", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -192,8 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     study = run(QUICK_STEPS if args.quick else args.steps, 1 if args.quick else args.rounds)
     print(format_study(study))
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(_clean(study), indent=2, ensure_ascii=False) + "\n")
+        write_record(args.out, study)
     return 0
 
 

@@ -713,8 +713,9 @@ class Evaluator:
         return self._bn_inputs
 
     def _forward(self, x: Any, c: torch.Tensor, readers: Sequence[Output]) -> Iterator[tuple[int, tuple[torch.Tensor, ...]]]:
-        """Model outputs for every point of the tile on batch ``x``, as (first index, one
-        ``(m', N, ...)`` tensor per reader).
+        """Model outputs of the batched and vmap strategies for every point of the tile on batch
+        ``x``, as (first index, one ``(m', N, ...)`` tensor per reader); the loop goes point by
+        point over blocks of batches instead (:meth:`_loop_block`).
 
         The tile goes in chunks, each with its points' parameters ``origin + c·basis`` computed
         fresh, so they stay in cache however large the tile is.
@@ -722,10 +723,7 @@ class Evaluator:
         step = self._chunk_points()
         for start in range(0, c.shape[0], step):
             cs = c[start : start + step]
-            if self.strategy == "loop":
-                for p, outs in self._loop_forward(x, cs, readers):
-                    yield start + p, outs
-            elif self.strategy == "batched":  # only with plain readers: the output as it is
+            if self.strategy == "batched":  # only with plain readers: the output as it is
                 with self._autocast():  # here, not inside: _verify checks the plan in fp32
                     out = self._batched_forward(x, cs, each=self.pass_points == 1 and len(cs) > 1)
                 yield start, (out,) * len(readers)
@@ -792,14 +790,6 @@ class Evaluator:
                     raw = self.wrapper.forward(x) if self._compiled_forward is None else self._compiled_forward(x)
                     outs = tuple(r(raw).unsqueeze(0) for r in readers)
                 yield p, y, outs
-
-    def _loop_forward(self, x: Any, c: torch.Tensor, readers: Sequence[Output]) -> Iterator[tuple[int, tuple[torch.Tensor, ...]]]:
-        set_point = self._setter(c)
-        for p in range(c.shape[0]):
-            set_point(p)
-            with self._autocast():
-                raw = self.wrapper.forward(x) if self._compiled_forward is None else self._compiled_forward(x)
-            yield p, tuple(r(raw).unsqueeze(0) for r in readers)
 
     def _batched_forward(self, x: torch.Tensor, c: torch.Tensor, each: bool) -> torch.Tensor:
         """Outputs for the points ``c`` in one pass, or (``each``) one point after another."""
